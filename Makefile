@@ -1,0 +1,40 @@
+# `make demo` and `make test` each create .venv when missing, install, and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# Torch first: with no CUDA GPU, the CPU build (a local wheel when one is on disk, else PyTorch's CPU index),
+# so set-up is minutes rather than a multi-GB CUDA download; a torch already in the venv is kept as it is.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping the installed torch"; \
+	elif nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch with CUDA"; \
+		$(PY) -m pip install torch; \
+	else \
+		echo "no CUDA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(PY) -m pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(PY) -m pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	fi
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+# The offline demo: a tiny random Gemma-architecture model, trained on our sample data, then sampled and merged.
+demo: install
+	$(VENV)/bin/qlora tiny gemma models/tiny-gemma --overwrite
+	$(VENV)/bin/qlora train configs/tiny-code.yaml --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs models

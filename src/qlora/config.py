@@ -1,0 +1,262 @@
+"""The one recipe schema: every key a recipe may hold, its default and its one description."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qlora.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(
+        description="Base model: a hub id (google/gemma-2b) or a local directory saved with save_pretrained."
+    )
+    revision: str = Field(
+        "main", description="Hub branch, tag or commit of the base model; pin a commit for a reproducible run."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model repo. Only for repos you trust; off by default."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: sdpa (PyTorch fused, default), eager, or flash_attention_2 (CUDA)."
+    )
+
+
+class QuantizationSection(_Section):
+    load_in_4bit: bool = Field(
+        True, description="Load the frozen base in 4 bits (QLoRA). false trains LoRA on a full-precision base."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: nf4 (NormalFloat, best for normally distributed weights) or fp4."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too: saves ~0.37 bits/param (~0.4 GB on 7B)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16",
+        description="dtype of the matmuls on dequantized weights; also selects bf16/fp16 mixed precision training.",
+    )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; uint8 unless sharding with FSDP."
+    )
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with r.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input; 0.05-0.1 for small datasets.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description='Layers that get adapters: "all-linear" (QLoRA paper: best quality) or names like [q_proj, v_proj].',
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train: none, all, lora_only.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r); helps at high ranks.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): a little better, noticeably slower.")
+    modules_to_save: list[str] = Field(
+        [], description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]); costs memory."
+    )
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraSection:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError('lora.target_modules is an empty list; name layers or use "all-linear"')
+        return self
+
+
+class DataSection(_Section):
+    path: str = Field(
+        description="Training data: a local .json (list) or .jsonl file (relative to the working directory), "
+        "or a hub dataset id."
+    )
+    revision: str | None = Field(None, description="Hub dataset branch, tag or commit; pin a commit to reproduce.")
+    split: str = Field("train", description="Split of a hub dataset to train on.")
+    format: Literal["alpaca"] = Field(
+        "alpaca", description="Row format: alpaca (instruction, optional input, output)."
+    )
+    template: Literal["alpaca"] = Field(
+        "alpaca", description="Prompt template; saved in the run and reused by generate and merge."
+    )
+    max_length: int = Field(
+        2048, gt=8, description="Longest example in tokens (prompt + response + EOS); drives activation memory."
+    )
+    too_long: Literal["drop", "truncate", "error"] = Field(
+        "drop",
+        description="Rows longer than max_length: drop (default; every kept row keeps its trained EOS), "
+        "truncate (cut the response; rows with no response token left are dropped) or error. Always counted.",
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (a quick trial run); null = all.")
+
+
+class TrainSection(_Section):
+    output_dir: str = Field(description="Run directory: recipe.yaml, adapter/, checkpoints/, metrics.jsonl.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps to train; null trains for `epochs` instead."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is null.")
+    batch_size: int = Field(4, gt=0, description="Sequences per device per micro-batch; activation memory scales with it.")
+    grad_accum: int = Field(
+        4, gt=0, description="Micro-batches per optimizer step: effective batch = batch_size x grad_accum."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; 1e-4 to 2e-4 is usual for QLoRA.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming the LR up from 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (0.3 as in the QLoRA paper).")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adafactor"] = Field(
+        "adamw_torch",
+        description="Optimizer; paged_adamw_8bit (CUDA) keeps optimizer state small and survives memory spikes.",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward: ~30% slower, far less activation memory."
+    )
+    seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
+    logging_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
+    save_steps: int = Field(200, gt=0, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep at most N checkpoints (oldest removed); null keeps all.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        [], description="Extra experiment trackers (metrics.jsonl is always written)."
+    )
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(256, gt=0, description="Most tokens to generate per prompt.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 decodes greedily (deterministic).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 turns it off.")
+    num_beams: int = Field(1, gt=0, description="Beam search width; 1 = no beam search.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens already present.")
+    seed: int | None = Field(None, description="Seed for sampling; the same seed gives the same text.")
+    stop: list[str] = Field([], description="Strings that end the output; the text stops before the first one.")
+
+
+class Recipe(_Section):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection
+    generation: GenerationSection = GenerationSection()
+
+
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys at `loc` (a path of field names) in the Recipe tree."""
+    cls: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = cls.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    return list(cls.model_fields)
+
+
+def _same_initial(name: str, valid: list[str]) -> list[str]:
+    """The valid key starting with the same letter that is most similar (lora.rnak -> lora.r)."""
+    candidates = [v for v in valid if v[:1] == name[:1]]
+    return sorted(candidates, key=lambda v: -difflib.SequenceMatcher(None, name, v).ratio())[:1]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if isinstance(p, str))
+    key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent, name = loc[:-1], loc[-1]
+        valid = _section_fields(parent)
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6) or _same_initial(name, valid)
+        prefix = ".".join(parent) + "." if parent else ""
+        hint = f"did you mean {prefix}{close[0]}?" if close else "valid keys: " + ", ".join(prefix + v for v in valid)
+        return f"unknown key {key}: {hint}"
+    if error["type"] == "missing":
+        return f"{key} is required but missing"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}{shown}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into its key path and YAML-typed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set lora.r=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the recipe mapping with each `--set KEY=VALUE` applied."""
+    result = yaml.safe_load(yaml.safe_dump(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {'.'.join(path[: depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """Read a recipe mapping with yaml.safe_load; errors name the file."""
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as exc:
+        raise UserError(f"{path}: refused a YAML tag that would build Python objects ({exc.problem})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping with sections model, data, train, ...")
+    return raw
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    """Build a Recipe; the first error becomes a UserError naming the key and what is allowed."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    raw = apply_overrides(read_recipe_file(path), list(overrides))
+    return validate_recipe(raw, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default filled in."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def recipe_reference() -> str:
+    """Markdown tables of every recipe key, its default and description (for the README)."""
+    lines = []
+    for section, info in Recipe.model_fields.items():
+        lines += [f"### `{section}`", "", "| key | default | description |", "|---|---|---|"]
+        for name, field in info.annotation.model_fields.items():
+            default = "required" if field.is_required() else f"`{yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            lines.append(f"| `{section}.{name}` | {default} | {field.description} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models of real architectures, built once per test session, offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from qlora.config import validate_recipe  # noqa: E402
+
+ROW = {
+    "instruction": "Write a function that reverses a string.",
+    "input": "",
+    "output": 'def reverse(s):\n    """Return s reversed."""\n    return s[::-1]',
+}
+ROW_WITH_INPUT = {
+    "instruction": "Add type hints to this function.",
+    "input": "def add(a, b):\n    return a + b",
+    "output": "def add(a: int, b: int) -> int:\n    return a + b",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch) -> directory of a saved tiny random model (built once per architecture)."""
+    from qlora.tiny import build_tiny_model
+
+    built = {}
+
+    def get(arch: str = "gemma"):
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, tmp_path_factory.mktemp("models") / arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_model):
+    """make_recipe(rows, arch, **section overrides) -> a validated Recipe training on `rows` in tmp_path."""
+    import json
+
+    def make(rows=(ROW,), arch="gemma", **sections):
+        data_file = tmp_path / "data.json"
+        data_file.write_text(json.dumps(list(rows)))
+        raw = {
+            "model": {"name_or_path": str(tiny_model(arch))},
+            "quantization": {"compute_dtype": "float32"},
+            "lora": {"dropout": 0.0},
+            "data": {"path": str(data_file), "max_length": 512},
+            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "grad_accum": 1,
+                      "learning_rate": 1e-2, "logging_steps": 2, "save_steps": 2, "warmup_ratio": 0.0},
+        }
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return validate_recipe(raw, "test recipe")
+
+    return make

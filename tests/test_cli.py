@@ -1,0 +1,65 @@
+"""The CLI shim: fast --help, exit code 2 with one line for user errors, nothing written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+QLORA = [sys.executable, "-m", "qlora.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*QLORA, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_module_imports_no_heavy_library():
+    code = ("import sys, qlora.cli; print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', "
+            "'datasets', 'bitsandbytes', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("train", "tiny"):
+        assert command in result.stdout
+
+
+def write_recipe(tmp_path, extra=""):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name_or_path: some/model}\n"
+        f"data: {{path: {tmp_path / 'missing.json'}}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}}}\n" + extra
+    )
+    return recipe
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_unknown_key_exits_2_with_suggestion_and_writes_nothing(tmp_path):
+    result = run("train", str(write_recipe(tmp_path, "lora: {rnak: 8}\n")))
+    assert_user_error(result, "lora.rnak", "did you mean lora.r?")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_value_exits_2(tmp_path):
+    result = run("train", str(write_recipe(tmp_path)), "--set", "lora.r=-1")
+    assert_user_error(result, "lora.r")
+
+
+def test_missing_data_file_exits_2_naming_it(tmp_path):
+    result = run("train", str(write_recipe(tmp_path)))
+    assert_user_error(result, str(tmp_path / "missing.json"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_tiny_refuses_unknown_architecture(tmp_path):
+    assert_user_error(run("tiny", "gpt5", str(tmp_path / "m")), "gemma, llama, mistral, phi")

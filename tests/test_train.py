@@ -1,0 +1,98 @@
+"""End to end on CPU: quantize -> LoRA -> SFTTrainer -> run directory -> load -> greedy decode."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import ROW, ROW_WITH_INPUT
+from qlora.config import load_recipe
+from qlora.data import encode_prompt
+from qlora.errors import UserError
+from qlora.generate import load_run
+from qlora.train import train
+
+
+class WeightWatcher(TrainerCallback):
+    """Snapshots every weight when training starts and ends."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_training_writes_the_run_directory_and_changes_only_the_adapter(make_recipe):
+    recipe = make_recipe(rows=[ROW, ROW_WITH_INPUT])
+    watcher = WeightWatcher()
+    run = train(recipe, callbacks=[watcher])
+
+    assert load_recipe(run / "recipe.yaml") == recipe
+    adapter = run / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "template.json"):
+        assert (adapter / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4]
+    for m in metrics:
+        assert m["loss"] > 0 and m["tokens_per_second"] > 0 and m["learning_rate"] is not None
+
+    lora = [n for n in watcher.before if "lora_" in n]
+    base = [n for n in watcher.before if "lora_" not in n]
+    assert lora and base
+    assert all(not torch.equal(watcher.before[n], watcher.after[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(watcher.before[n], watcher.after[n]) for n in base)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)
+
+
+def greedy_tokens(loaded, instruction):
+    prompt = encode_prompt(loaded.tokenizer, loaded.template, instruction)
+    with torch.no_grad():
+        out = loaded.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=80, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_memorises_one_example_then_stops_with_eos(make_recipe):
+    recipe = make_recipe(train={"max_steps": 100, "batch_size": 1, "lr_scheduler": "constant",
+                                "logging_steps": 25, "save_steps": 1000})
+    run = train(recipe)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.05 < losses[0]
+    loaded = load_run(run)
+    tokens = greedy_tokens(loaded, ROW["instruction"])
+    assert tokens[-1] == loaded.tokenizer.eos_token_id
+    assert loaded.tokenizer.decode(tokens[:-1]) == ROW["output"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "phi"])
+def test_each_architecture_trains_and_generates(make_recipe, arch):
+    from qlora.config import GenerationSection
+    from qlora.generate import generate
+
+    run = train(make_recipe(rows=[ROW, ROW_WITH_INPUT], arch=arch))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    texts = generate(load_run(run), [(ROW["instruction"], "")], GenerationSection(max_new_tokens=5))
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_an_existing_run_is_refused_without_overwrite(make_recipe):
+    recipe = make_recipe(train={"max_steps": 1, "save_steps": 1})
+    run = train(recipe)
+    with pytest.raises(UserError, match="--overwrite"):
+        train(recipe)
+    assert train(recipe, overwrite=True) == run
+
+
+def test_a_non_empty_directory_that_is_not_a_run_is_never_touched(make_recipe, tmp_path):
+    recipe = make_recipe(train={"max_steps": 1})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a qlora run"):
+        train(recipe, overwrite=True)
+    assert (run / "notes.txt").read_text() == "mine"
