@@ -32,6 +32,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/qlora tiny gemma models/tiny-gemma --overwrite
 	$(VENV)/bin/qlora train configs/tiny-code.yaml --overwrite
+	$(VENV)/bin/qlora generate runs/tiny-code --prompt "Write a function that returns the factorial of n."
+	$(VENV)/bin/qlora merge runs/tiny-code --output runs/tiny-code/merged --overwrite --verify
 
 test: install
 	$(PY) -m pytest -q

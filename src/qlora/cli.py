@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from qlora.errors import UserError
+
 app = typer.Typer(
     help="QLoRA fine-tuning from one YAML recipe: 4-bit NF4 base + LoRA adapters + TRL SFTTrainer.",
     no_args_is_help=True,
@@ -26,8 +28,6 @@ SetOption = Annotated[
 
 def _run(action):
     """Run a command body: user errors exit 2 with one line, no traceback."""
-    from qlora.errors import UserError
-
     try:
         return action()
     except UserError as exc:
@@ -48,6 +48,97 @@ def train(
         from qlora.train import train as train_recipe
 
         train_recipe(load_recipe(recipe, set_ or []), overwrite=overwrite)
+
+    _run(body)
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="A run directory (4-bit base + adapter) or a merged model directory.")],
+    prompt: Annotated[Optional[list[str]], typer.Option(help="An instruction to answer (repeatable).")] = None,
+    input_: Annotated[str, typer.Option("--input", help="The Alpaca input field for --prompt.")] = "",
+    temperature: Annotated[Optional[float], typer.Option(help="0 decodes greedily.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens; 0 = off.")] = None,
+    num_beams: Annotated[Optional[int], typer.Option(help="Beam search width.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per answer.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help=">1 discourages repeats.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed: same seed, same text.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="End the output before this string (repeatable).")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = False,
+    chat: Annotated[bool, typer.Option(help="Interactive: one instruction per line; Ctrl-D ends.")] = False,
+    input_file: Annotated[Optional[Path], typer.Option(help="A .jsonl of rows in the training format.")] = None,
+    output_file: Annotated[Optional[Path], typer.Option(help="Where --input-file rows go, with `generation` added.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch for --input-file and several --prompt.")] = 8,
+) -> None:
+    """Answer instructions with a trained run; stdout carries only the generated text.
+
+    Sampling defaults come from the recipe's generation section; flags override them.
+    """
+
+    def body():
+        from qlora import generate as g
+        from qlora.config import GenerationSection, with_generation_overrides
+
+        modes = sum([bool(prompt), chat, input_file is not None])
+        if modes != 1:
+            raise UserError("give exactly one of --prompt, --chat or --input-file")
+        if (input_file is None) != (output_file is None):
+            raise UserError("--input-file and --output-file go together")
+        flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, seed=seed,
+                     max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, stop=stop)
+        with_generation_overrides(GenerationSection(), flags)  # reject bad flags before loading a model
+        loaded = g.load_run(run)
+        sampling = with_generation_overrides(loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
+        if input_file is not None:
+            count = g.generate_file(loaded, input_file, output_file, sampling, batch_size)
+            typer.echo(f"wrote {count} rows to {output_file}", err=True)
+        elif chat:
+            g.chat(loaded, sampling)
+        elif stream:
+            for i, instruction in enumerate(prompt):
+                typer.echo("\n" if i else "", nl=False)
+                g.generate(loaded, [(instruction, input_)], sampling,
+                           streamer=g.StopAwareStreamer(loaded.tokenizer, sampling.stop))
+                typer.echo("")
+        else:
+            texts = g.generate(loaded, [(p, input_) for p in prompt], sampling, batch_size)
+            typer.echo("\n\n".join(texts))
+
+    _run(body)
+
+
+@app.command()
+def merge(
+    run: Annotated[Path, typer.Argument(help="The run directory to export.")],
+    output: Annotated[Path, typer.Option(help="Directory for the merged model (must not exist or be empty).")],
+    base: Annotated[str, typer.Option(help="dequantized: the NF4 round-trip the adapter was trained against; "
+                                           "original: the full-precision base.")] = "dequantized",
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32; default: the recipe's "
+                                                      "compute dtype.")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    verify: Annotated[bool, typer.Option(help="Compare merged and 4-bit + adapter logits; exit 1 on mismatch.")] = False,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Top-1 agreement --verify requires; default "
+                                                               "0.97 (dequantized) or 0.85 (original).")] = None,
+) -> None:
+    """Fold the adapter into the base and save a standalone model that any standard tool loads."""
+
+    def body():
+        from qlora.merge import MIN_AGREEMENT, merge as merge_run, verify as verify_run
+
+        if base not in MIN_AGREEMENT:
+            raise UserError(f"--base {base!r}: choose dequantized or original")
+        if dtype not in (None, "bfloat16", "float16", "float32"):
+            raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+        merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+        if verify:
+            report = verify_run(run, output)
+            threshold = MIN_AGREEMENT[base] if min_agreement is None else min_agreement
+            typer.echo(f"verify: {report.summary()} (required: {threshold:.0%})", err=True)
+            if report.top1_agreement < threshold:
+                typer.echo("error: the merged model disagrees with the trained one; do not ship it", err=True)
+                raise typer.Exit(1)
 
     _run(body)
 

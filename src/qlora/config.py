@@ -245,6 +245,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, str(path))
 
 
+def with_generation_overrides(base: GenerationSection, overrides: dict[str, Any]) -> GenerationSection:
+    """`base` with the flags that were given (not None) applied, validated like a recipe."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return GenerationSection.model_validate({**base.model_dump(), **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise UserError(_describe({**error, "loc": ("generation", *error["loc"])})) from None
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default filled in."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -6,14 +6,16 @@ token-for-token the prefix it was trained on.
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TextIO
 
 from qlora.config import GenerationSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt
 from qlora.errors import UserError
-from qlora.train import ADAPTER_DIR, RECIPE_FILE
+from qlora.train import ADAPTER_DIR, RECIPE_FILE, console, write_atomic
 
 
 @dataclass
@@ -69,15 +71,55 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
+class StopAwareStreamer:
+    """A generate() streamer that writes new text as it comes, never past a stop string.
+
+    It holds back the few characters that could be the start of a stop string, and an
+    incomplete UTF-8 character, until the next tokens decide.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], out: TextIO = sys.stdout):
+        self.tokenizer, self.stop, self.out = tokenizer, [s for s in stop if s], out
+        self.ids: list[int] = []
+        self.printed = 0
+        self.seen_prompt = False
+
+    def _emit(self, final: bool) -> None:
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = cut_at_stop(full, self.stop)
+        if not final and len(text) == len(full):
+            hold = max((len(s) - 1 for s in self.stop), default=0)
+            text = text[: max(len(text) - hold, 0)].rstrip("\ufffd")
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+    def put(self, value) -> None:
+        if not self.seen_prompt:  # generate() first hands over the prompt
+            self.seen_prompt = True
+            return
+        self.ids.extend(value.flatten().tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+
 def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: GenerationSection,
-             batch_size: int = 8, on_batch=None) -> list[str]:
-    """Generated responses for (instruction, input) prompts, batched with left padding."""
+             batch_size: int = 8, on_batch: Callable[[int], None] | None = None, streamer=None) -> list[str]:
+    """Generated responses for (instruction, input) prompts, batched with left padding.
+
+    A `streamer` (one prompt at a time) receives tokens as they are generated.
+    """
     import torch
 
     tok, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    if streamer is not None:
+        batch_size = 1
     texts = []
     for start in range(0, len(prompts), batch_size):
         encoded = [encode_prompt(tok, loaded.template, ins, inp) for ins, inp in prompts[start:start + batch_size]]
@@ -98,9 +140,71 @@ def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: Gene
                 repetition_penalty=sampling.repetition_penalty,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
+                stop_strings=list(sampling.stop) or None,
+                tokenizer=tok,
+                streamer=streamer,
             )
         for row in out[:, width:]:
             texts.append(cut_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop))
         if on_batch:
             on_batch(len(encoded))
     return texts
+
+
+def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl file in the training format; each needs a non-empty string instruction."""
+    if not path.is_file():
+        raise UserError(f"--input-file: file not found: {path}")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: row {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise UserError(f"{path}: row {number} has no instruction string")
+        if not isinstance(row.get("input") or "", str):
+            raise UserError(f"{path}: row {number} has a non-string input")
+        rows.append(row)
+    return rows
+
+
+def generate_file(loaded: LoadedModel, in_path: Path, out_path: Path, sampling: GenerationSection,
+                  batch_size: int = 8) -> int:
+    """Write each row of `in_path` with a `generation` field added to `out_path` (atomically); returns the count."""
+    from rich.progress import Progress
+
+    rows = read_prompt_rows(in_path)
+    with Progress(console=console) as progress:
+        task = progress.add_task("generating", total=len(rows))
+        texts = generate(loaded, [(r["instruction"], r.get("input") or "") for r in rows], sampling, batch_size,
+                         on_batch=lambda n: progress.advance(task, n))
+    write_atomic(out_path, "".join(json.dumps({**r, "generation": t}, ensure_ascii=False) + "\n"
+                                   for r, t in zip(rows, texts)))
+    return len(rows)
+
+
+def ask(prompt: str) -> str:
+    """Read a line, with the prompt on stderr so stdout carries only generated text."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
+
+
+def chat(loaded: LoadedModel, sampling: GenerationSection, read: Callable[[str], str] = ask) -> None:
+    """Interactive loop: each line is an instruction, answered as it streams; EOF or 'exit' ends it.
+
+    Every turn is a fresh single-turn prompt, as the model was trained.
+    """
+    while True:
+        try:
+            instruction = read("> ")
+        except EOFError:
+            break
+        if instruction.strip() in {"exit", "quit"}:
+            break
+        if instruction.strip():
+            generate(loaded, [(instruction, "")], sampling, streamer=StopAwareStreamer(loaded.tokenizer, sampling.stop))
+            sys.stdout.write("\n")
