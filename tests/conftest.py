@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models of real architectures, built once per test session, offline."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,24 +37,39 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+def recipe_for(directory, model_dir, rows=(ROW,), **sections):
+    """A validated Recipe training the model in `model_dir` on `rows`, writing into `directory`."""
+    data_file = directory / "data.json"
+    data_file.write_text(json.dumps(list(rows)))
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"compute_dtype": "float32"},
+        "lora": {"dropout": 0.0},
+        "data": {"path": str(data_file), "max_length": 512},
+        "train": {"output_dir": str(directory / "run"), "max_steps": 4, "batch_size": 2, "grad_accum": 1,
+                  "learning_rate": 1e-2, "logging_steps": 2, "save_steps": 2, "warmup_ratio": 0.0},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return validate_recipe(raw, "test recipe")
+
+
 @pytest.fixture
 def make_recipe(tmp_path, tiny_model):
     """make_recipe(rows, arch, **section overrides) -> a validated Recipe training on `rows` in tmp_path."""
-    import json
 
     def make(rows=(ROW,), arch="gemma", **sections):
-        data_file = tmp_path / "data.json"
-        data_file.write_text(json.dumps(list(rows)))
-        raw = {
-            "model": {"name_or_path": str(tiny_model(arch))},
-            "quantization": {"compute_dtype": "float32"},
-            "lora": {"dropout": 0.0},
-            "data": {"path": str(data_file), "max_length": 512},
-            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "grad_accum": 1,
-                      "learning_rate": 1e-2, "logging_steps": 2, "save_steps": 2, "warmup_ratio": 0.0},
-        }
-        for section, values in sections.items():
-            raw.setdefault(section, {}).update(values)
-        return validate_recipe(raw, "test recipe")
+        return recipe_for(tmp_path, tiny_model(arch), rows, **sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def memorised_run(tmp_path_factory, tiny_model):
+    """A run of a tiny Gemma trained (100 steps) until it reproduces ROW's response exactly."""
+    from qlora.train import train
+
+    recipe = recipe_for(tmp_path_factory.mktemp("memorised"), tiny_model("gemma"), [ROW],
+                        train={"max_steps": 100, "batch_size": 1, "lr_scheduler": "constant",
+                               "logging_steps": 25, "save_steps": 1000})
+    return train(recipe)

@@ -56,10 +56,8 @@ def greedy_tokens(loaded, instruction):
     return out[0, len(prompt):].tolist()
 
 
-def test_memorises_one_example_then_stops_with_eos(make_recipe):
-    recipe = make_recipe(train={"max_steps": 100, "batch_size": 1, "lr_scheduler": "constant",
-                                "logging_steps": 25, "save_steps": 1000})
-    run = train(recipe)
+def test_memorises_one_example_then_stops_with_eos(memorised_run):
+    run = memorised_run
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.05 < losses[0]
     loaded = load_run(run)

@@ -78,8 +78,9 @@ class StopAwareStreamer:
     incomplete UTF-8 character, until the next tokens decide.
     """
 
-    def __init__(self, tokenizer, stop: list[str], out: TextIO = sys.stdout):
-        self.tokenizer, self.stop, self.out = tokenizer, [s for s in stop if s], out
+    def __init__(self, tokenizer, stop: list[str], out: TextIO | None = None):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.out = out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
         self.seen_prompt = False

@@ -1,0 +1,99 @@
+"""qlora generate: exact output contract, sampling flags, stop strings, streaming, batch files."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROW, ROW_WITH_INPUT
+from qlora.config import GenerationSection
+from qlora.errors import UserError
+from qlora.generate import StopAwareStreamer, chat, generate, generate_file, load_run
+
+GREEDY = GenerationSection(max_new_tokens=60)
+
+
+@pytest.fixture(scope="module")
+def loaded(memorised_run):
+    return load_run(memorised_run)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "qlora.cli", "generate", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_stdout_is_exactly_the_generated_text(memorised_run):
+    result = cli(memorised_run, "--temperature", "0", "--prompt", ROW["instruction"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ROW["output"] + "\n"
+
+
+def test_several_prompts_are_separated_by_a_blank_line(memorised_run):
+    result = cli(memorised_run, "--prompt", ROW["instruction"], "--prompt", ROW["instruction"])
+    assert result.stdout == f"{ROW['output']}\n\n{ROW['output']}\n"
+
+
+def test_stream_prints_the_same_text(memorised_run):
+    result = cli(memorised_run, "--stream", "--prompt", ROW["instruction"])
+    assert result.stdout == ROW["output"] + "\n"
+
+
+def test_beam_search(loaded):
+    assert generate(loaded, [(ROW["instruction"], "")], GREEDY.model_copy(update={"num_beams": 3})) == [ROW["output"]]
+
+
+def test_stop_string_ends_the_output_before_it(loaded):
+    sampling = GREEDY.model_copy(update={"stop": ["[::", "never"]})
+    expected = ROW["output"].split("[::")[0]
+    assert generate(loaded, [(ROW["instruction"], "")], sampling) == [expected]
+    out = io.StringIO()
+    generate(loaded, [(ROW["instruction"], "")], sampling, streamer=StopAwareStreamer(loaded.tokenizer, ["[::"], out))
+    assert out.getvalue() == expected
+
+
+def test_same_seed_same_sample(loaded):
+    sampling = GREEDY.model_copy(update={"temperature": 1.5, "top_k": 50, "top_p": 0.95, "seed": 7})
+    prompts = [(ROW_WITH_INPUT["instruction"], ROW_WITH_INPUT["input"])] * 2
+    first = generate(loaded, prompts, sampling)
+    assert generate(loaded, prompts, sampling) == first
+    assert first[0] != first[1] or len(set(generate(loaded, prompts * 3, sampling))) > 1  # really sampling
+
+
+def test_left_padded_batch_gives_the_unbatched_answer(loaded):
+    long_prompt = ("Explain this code in detail and then rewrite it to be faster. " * 5, "x = 1")
+    texts = generate(loaded, [long_prompt, (ROW["instruction"], "")], GREEDY, batch_size=2)
+    assert texts[1] == ROW["output"]
+
+
+def test_batch_jsonl_round_trip(loaded, tmp_path):
+    rows = [ROW_WITH_INPUT, {"instruction": ROW["instruction"], "id": 7}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert generate_file(loaded, source, tmp_path / "out.jsonl", GREEDY, batch_size=2) == 2
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "generation"} for r in out] == rows
+    assert out[1]["generation"] == ROW["output"] and isinstance(out[0]["generation"], str)
+
+
+def test_batch_file_with_a_bad_row_names_it(loaded, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(ROW) + "\n" + json.dumps({"input": "no instruction"}) + "\n")
+    with pytest.raises(UserError, match="row 1 has no instruction"):
+        generate_file(loaded, source, tmp_path / "out.jsonl", GREEDY)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_chat_answers_each_line_until_exit(loaded, capsys):
+    lines = iter([ROW["instruction"], "", "exit", "not reached"])
+    chat(loaded, GREEDY, read=lambda prompt: next(lines))
+    assert capsys.readouterr().out == ROW["output"] + "\n"
+
+
+def test_usage_errors_exit_2_before_loading_anything(tmp_path):
+    assert cli(tmp_path, "--prompt", "x", "--top-p", "3").returncode == 2
+    assert cli(tmp_path).returncode == 2
+    result = cli(tmp_path, "--prompt", "x")
+    assert result.returncode == 2 and "not a qlora run directory" in result.stderr

@@ -1,0 +1,84 @@
+"""qlora merge: a standalone model plain transformers loads, the training prompt as chat template, verified."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROW
+from qlora.data import TEMPLATES, encode_prompt
+from qlora.errors import UserError
+from qlora.merge import MIN_AGREEMENT, merge, verify
+
+
+@pytest.fixture(scope="module")
+def merged(memorised_run, tmp_path_factory):
+    return merge(memorised_run, tmp_path_factory.mktemp("merge") / "merged", dtype="float32")
+
+
+def test_merged_model_loads_with_plain_transformers_and_reproduces_the_response(merged):
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    messages = [{"role": "user", "content": ROW["instruction"]}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == tokenizer.bos_token + TEMPLATES["alpaca"].render(ROW["instruction"])
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == encode_prompt(tokenizer, TEMPLATES["alpaca"], ROW["instruction"])
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=60)  # generation_config: greedy
+    new = out[0, len(ids):].tolist()
+    assert new[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(new, skip_special_tokens=True) == ROW["output"]
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == tokenizer.pad_token_id
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert "base_model:" in (merged / "README.md").read_text()
+
+
+def test_chat_template_renders_a_finished_conversation_with_trained_eos(merged):
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x = 1"}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert text == tokenizer.bos_token + TEMPLATES["alpaca"].render("Hi") + "x = 1" + tokenizer.eos_token
+
+
+@pytest.mark.parametrize("base", ["dequantized", "original"])
+def test_both_bases_merge_and_verify_above_their_bar(memorised_run, tmp_path, base):
+    out = merge(memorised_run, tmp_path / "m", base=base, dtype="bfloat16", max_shard_size="200KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    report = verify(memorised_run, out)
+    assert report.top1_agreement >= MIN_AGREEMENT[base] and report.positions > 50
+    if base == "dequantized":
+        assert report.mean_kl < 1e-3
+
+
+def test_verify_catches_a_merge_that_lost_the_adapter(memorised_run, tiny_model, tmp_path):
+    lost = tmp_path / "lost"
+    shutil.copytree(tiny_model("gemma"), lost)
+    TEMPLATES["alpaca"].save(lost)
+    assert verify(memorised_run, lost).top1_agreement < 0.5
+
+
+def test_a_failure_during_merge_leaves_no_output(memorised_run, tmp_path, monkeypatch):
+    def explode(*args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("qlora.merge.model_card", explode)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        merge(memorised_run, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_empty_output_is_refused_and_untouched(memorised_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "qlora.cli", "merge", str(memorised_run), "--output", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError):
+        merge(tmp_path, tmp_path / "x")
