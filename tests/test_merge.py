@@ -49,17 +49,18 @@ def test_chat_template_renders_a_finished_conversation_with_trained_eos(merged):
 def test_both_bases_merge_and_verify_above_their_bar(memorised_run, tmp_path, base):
     out = merge(memorised_run, tmp_path / "m", base=base, dtype="bfloat16", max_shard_size="200KB")
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
-    report = verify(memorised_run, out)
-    assert report.top1_agreement >= MIN_AGREEMENT[base] and report.positions > 50
+    report = verify(memorised_run, out, base)
+    assert report.passed and report.required == MIN_AGREEMENT and report.positions > 50
     if base == "dequantized":
-        assert report.mean_kl < 1e-3
+        assert report.merge_agreement == report.top1_agreement and report.mean_kl < 1e-3
 
 
 def test_verify_catches_a_merge_that_lost_the_adapter(memorised_run, tiny_model, tmp_path):
     lost = tmp_path / "lost"
     shutil.copytree(tiny_model("gemma"), lost)
     TEMPLATES["alpaca"].save(lost)
-    assert verify(memorised_run, lost).top1_agreement < 0.5
+    report = verify(memorised_run, lost)
+    assert not report.passed and report.merge_agreement < 0.5
 
 
 def test_a_failure_during_merge_leaves_no_output(memorised_run, tmp_path, monkeypatch):

@@ -119,24 +119,23 @@ def merge(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
     verify: Annotated[bool, typer.Option(help="Compare merged and 4-bit + adapter logits; exit 1 on mismatch.")] = False,
-    min_agreement: Annotated[Optional[float], typer.Option(help="Top-1 agreement --verify requires; default "
-                                                               "0.97 (dequantized) or 0.85 (original).")] = None,
+    min_agreement: Annotated[float, typer.Option(help="Top-1 agreement --verify requires between the merged "
+                                                      "model and the unmerged adapter on the same base.")] = 0.97,
 ) -> None:
     """Fold the adapter into the base and save a standalone model that any standard tool loads."""
 
     def body():
-        from qlora.merge import MIN_AGREEMENT, merge as merge_run, verify as verify_run
+        from qlora.merge import merge as merge_run, verify as verify_run
 
-        if base not in MIN_AGREEMENT:
+        if base not in ("dequantized", "original"):
             raise UserError(f"--base {base!r}: choose dequantized or original")
         if dtype not in (None, "bfloat16", "float16", "float32"):
             raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
         merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
         if verify:
-            report = verify_run(run, output)
-            threshold = MIN_AGREEMENT[base] if min_agreement is None else min_agreement
-            typer.echo(f"verify: {report.summary()} (required: {threshold:.0%})", err=True)
-            if report.top1_agreement < threshold:
+            report = verify_run(run, output, base, min_agreement=min_agreement)
+            typer.echo(f"verify: {report.summary()}", err=True)
+            if not report.passed:
                 typer.echo("error: the merged model disagrees with the trained one; do not ship it", err=True)
                 raise typer.Exit(1)
 
