@@ -1,4 +1,4 @@
-"""Loss masking, EOS and BOS on real rows, long and bad rows, and our own sample data."""
+"""Loss masking, EOS and BOS per format and template, pinned token by token; bad and long rows."""
 
 import ast
 import json
@@ -7,40 +7,110 @@ from pathlib import Path
 import pytest
 
 from conftest import ROW, ROW_WITH_INPUT
-from qlora.config import DataSection
-from qlora.data import IGNORE_INDEX, TEMPLATES, Template, build_dataset, encode_example, encode_prompt, load_rows
+from qlora.config import DataSection, ModelSection
+from qlora.data import (IGNORE_INDEX, TEMPLATES, Template, encode_prompt, encode_segments, load_rows, row_segments,
+                        split_eval, tokenize_rows)
 from qlora.errors import UserError
 from qlora.model import load_tokenizer
-from qlora.config import ModelSection
 
-ALPACA = TEMPLATES["alpaca"]
-CODE_ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "code_alpaca_2k.json"
-SAMPLE = Path(__file__).resolve().parents[1] / "src" / "qlora" / "sample_data" / "python_tasks.json"
+ROOT = Path(__file__).resolve().parents[1]
+CODE_ALPACA = ROOT.parent / "shared" / "data" / "code_alpaca_2k.json"
+SAMPLE = ROOT / "src" / "qlora" / "sample_data" / "python_tasks.json"
+CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = [
+    {"role": "system", "content": "You write Python."},
+    {"role": "user", "content": "Square x."},
+    {"role": "assistant", "content": "x * x"},
+    {"role": "user", "content": "Now cube it."},
+    {"role": "assistant", "content": "x ** 3"},
+]
 
 
 @pytest.fixture(scope="module")
 def tokenizers(tiny_model):
-    return {arch: load_tokenizer(ModelSection(name_or_path=str(tiny_model(arch)))) for arch in ("gemma", "llama")}
+    toks = {arch: load_tokenizer(ModelSection(name_or_path=str(tiny_model(arch)))) for arch in ("gemma", "llama")}
+    toks["gemma"].chat_template = CHATML_JINJA  # for template: tokenizer
+    return toks
 
 
+def encode(tok, row, **data):
+    section = DataSection(path="x.json", **data)
+    return encode_segments(tok, row_segments(row, section, TEMPLATES[section.template], tok))
+
+
+def ids_of(tok, text, special=False):
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml", "llama-2", "gemma", "raw", "tokenizer"])
 @pytest.mark.parametrize("row", [ROW, ROW_WITH_INPUT], ids=["no-input", "with-input"])
-def test_prompt_is_masked_and_response_plus_eos_trained(tokenizers, row):
-    tok = tokenizers["gemma"]
-    ids, labels = encode_example(tok, ALPACA, row)
-    prompt = tok(ALPACA.render(row["instruction"], row["input"]))["input_ids"]
-    response = tok(row["output"], add_special_tokens=False)["input_ids"]
-    assert ids == prompt + response + [tok.eos_token_id]
-    assert labels == [IGNORE_INDEX] * len(prompt) + response + [tok.eos_token_id]
+def test_alpaca_rows_mask_the_prompt_and_train_reply_end_and_eos(tokenizers, template, row):
+    tok, t = tokenizers["gemma"], TEMPLATES[template]
+    ids, labels = encode(tok, row, template=template)
+    prompt = encode_prompt(tok, t, row["instruction"], row["input"])  # what generate feeds the model
+    reply = ids_of(tok, row["output"] + t.reply_end) if template != "tokenizer" else ids_of(tok, row["output"] + "<|im_end|>\n")
+    assert ids == prompt + reply + [tok.eos_token_id]
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply + [tok.eos_token_id]
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
-    assert tok.decode(ids[len(prompt):-1]) == row["output"]
-    assert "### Input:" in tok.decode(prompt) if row["input"] else "### Input:" not in tok.decode(prompt)
+    assert row["input"] in tok.decode(prompt) and row["instruction"] in tok.decode(prompt)
 
 
-def test_generate_prompt_is_the_training_prefix(tokenizers):
+def test_alpaca_prompt_text_is_the_standard_one():
+    assert TEMPLATES["alpaca"].render("Do X") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nDo X\n\n### Response:\n")
+    assert TEMPLATES["alpaca"].render("Do X", "data") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X\n\n### Input:\ndata"
+        "\n\n### Response:\n")
+    assert TEMPLATES["gemma"].render("Hi") == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert TEMPLATES["llama-2"].render("Hi") == "[INST] Hi [/INST]"
+    assert TEMPLATES["chatml"].render("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("template", ["chatml", "gemma", "llama-2", "tokenizer"])
+def test_messages_train_every_assistant_turn_and_nothing_else(tokenizers, template):
     tok = tokenizers["gemma"]
-    ids, labels = encode_example(tok, ALPACA, ROW_WITH_INPUT)
-    prompt = encode_prompt(tok, ALPACA, ROW_WITH_INPUT["instruction"], ROW_WITH_INPUT["input"])
-    assert ids[: len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE_INDEX != labels[len(prompt)]
+    ids, labels = encode(tok, {"messages": CONVERSATION}, format="messages", template=template)
+    trained = [i for i, x in enumerate(labels) if x != IGNORE_INDEX]
+    spans = tok.decode([ids[i] for i in trained], skip_special_tokens=False)
+    end = {"chatml": "<|im_end|>\n", "gemma": "<end_of_turn>\n", "llama-2": "", "tokenizer": "<|im_end|>\n"}[template]
+    assert spans == f"x * x{end}<eos>x ** 3{end}<eos>"
+    assert labels[-1] == tok.eos_token_id
+    masked = tok.decode([t for t, x in zip(ids, labels) if x == IGNORE_INDEX])
+    assert "You write Python." in masked and "Square x." in masked and "Now cube it." in masked
+
+
+def test_system_text_goes_where_each_template_puts_it():
+    system = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "U"}]
+    render = lambda name: "".join(t for t, _ in TEMPLATES[name].segments(system, add_generation_prompt=True))  # noqa: E731
+    assert render("llama-2") == "[INST] <<SYS>>\nSYS\n<</SYS>>\n\nU [/INST]"
+    assert render("gemma") == "<start_of_turn>user\nSYS\n\nU<end_of_turn>\n<start_of_turn>model\n"
+    assert render("chatml").startswith("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nU")
+
+
+def test_prompt_completion_masks_the_prompt(tokenizers):
+    tok = tokenizers["llama"]
+    ids, labels = encode(tok, {"prompt": "Q: 2+2?\nA:", "completion": " 4"}, format="prompt_completion")
+    prompt = ids_of(tok, "Q: 2+2?\nA:", special=True)
+    assert ids == prompt + ids_of(tok, " 4") + [tok.eos_token_id]
+    assert labels == [IGNORE_INDEX] * len(prompt) + ids_of(tok, " 4") + [tok.eos_token_id]
+
+
+def test_text_format_trains_every_token_and_the_eos(tokenizers):
+    tok = tokenizers["gemma"]
+    text = "### Human: hi ### Assistant: hello"
+    ids, labels = encode(tok, {"text": text}, format="text")
+    assert ids == ids_of(tok, text, special=True) + [tok.eos_token_id] and labels == ids
+
+
+def test_fields_map_our_names_to_the_file_columns(tokenizers):
+    tok = tokenizers["gemma"]
+    renamed = {"question": ROW["instruction"], "response": ROW["output"]}
+    assert encode(tok, renamed, fields={"instruction": "question", "output": "response"}) == encode(tok, ROW)
+    with pytest.raises(ValueError, match="data.fields.answer is not a field of format alpaca"):
+        DataSection(path="x.json", fields={"answer": "a"})
 
 
 def test_eos_is_trained_when_pad_equals_eos_through_the_trainer_collator(tokenizers):
@@ -48,10 +118,9 @@ def test_eos_is_trained_when_pad_equals_eos_through_the_trainer_collator(tokeniz
 
     tok = tokenizers["llama"]
     assert tok.pad_token_id == tok.eos_token_id  # llama ships no pad token: we pad with EOS
-    short, long_ = encode_example(tok, ALPACA, ROW), encode_example(tok, ALPACA, ROW_WITH_INPUT)
+    short, long_ = encode(tok, ROW), encode(tok, ROW_WITH_INPUT)
     batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(
-        [{"input_ids": i, "labels": l} for i, l in (short, long_)]
-    )
+        [{"input_ids": i, "labels": l} for i, l in (short, long_)])
     n = len(short[0])
     assert n < batch["input_ids"].shape[1]
     assert batch["labels"][0, n - 1].item() == tok.eos_token_id  # the real EOS: trained
@@ -61,72 +130,111 @@ def test_eos_is_trained_when_pad_equals_eos_through_the_trainer_collator(tokeniz
 
 def test_exactly_one_bos_even_if_the_template_writes_one(tokenizers):
     tok = tokenizers["llama"]
-    template = Template("bos", tok.bos_token + ALPACA.prompt_no_input, tok.bos_token + ALPACA.prompt_with_input)
+    template = Template("bos", first_user=tok.bos_token + "{content}")
     assert encode_prompt(tok, template, "x").count(tok.bos_token_id) == 1
 
 
-def section(tmp_path, rows, **kw):
-    path = tmp_path / "d.json"
+def write(tmp_path, rows, name="d.json"):
+    path = tmp_path / name
     path.write_text(json.dumps(rows))
-    return DataSection(path=str(path), **kw)
+    return str(path)
+
+
+def tokenize(tmp_path, tok, rows, **data):
+    section = DataSection(path=write(tmp_path, rows), **data)
+    return tokenize_rows(load_rows(section), tok, TEMPLATES[section.template], section, section.path)
 
 
 def test_long_rows_are_dropped_and_counted_by_default(tmp_path, tokenizers):
     tok = tokenizers["gemma"]
-    long_row = {**ROW, "output": "x = 1\n" * 200}
-    data = section(tmp_path, [ROW, long_row, ROW], max_length=128)
-    dataset, report = build_dataset(load_rows(data), tok, ALPACA, data)
-    assert len(dataset) == 2 and report.dropped_too_long == [1]
-    assert "1 dropped" in report.summary()
-    assert all(row["labels"][-1] == tok.eos_token_id for row in dataset)
+    ids, labels, report = tokenize(tmp_path, tok, [ROW, {**ROW, "output": "x = 1\n" * 200}, ROW], max_length=128)
+    assert len(ids) == 2 and report.dropped_too_long == [1] and "1 dropped" in report.summary()
+    assert report.eos_trained == report.examples == 2
 
 
 def test_truncate_keeps_trained_tokens_and_drops_rows_left_with_none(tmp_path, tokenizers):
     tok = tokenizers["gemma"]
-    prompt_len = len(encode_prompt(tok, ALPACA, ROW["instruction"]))
-    huge_prompt = {**ROW, "instruction": "word " * 300}
-    data = section(tmp_path, [{**ROW, "output": "y = 2\n" * 200}, huge_prompt], max_length=prompt_len + 10,
-                   too_long="truncate")
-    dataset, report = build_dataset(load_rows(data), tok, ALPACA, data)
+    prompt_len = len(encode_prompt(tok, TEMPLATES["alpaca"], ROW["instruction"]))
+    rows = [{**ROW, "output": "y = 2\n" * 200}, {**ROW, "instruction": "word " * 300}]
+    ids, labels, report = tokenize(tmp_path, tok, rows, max_length=prompt_len + 10, too_long="truncate")
     assert report.truncated == [0] and report.dropped_too_long == [1]
-    labels = dataset[0]["labels"]
-    assert len(labels) == prompt_len + 10 and sum(x != IGNORE_INDEX for x in labels) == 10
+    assert len(labels[0]) == prompt_len + 10 and sum(x != IGNORE_INDEX for x in labels[0]) == 10
+    assert report.eos_trained == 0  # reported by `qlora check`: truncated rows never see their EOS
 
 
 def test_too_long_error_names_the_row(tmp_path, tokenizers):
-    data = section(tmp_path, [ROW, {**ROW, "output": "z = 3\n" * 200}], max_length=128, too_long="error")
     with pytest.raises(UserError, match="row 1 has"):
-        build_dataset(load_rows(data), tokenizers["gemma"], ALPACA, data)
+        tokenize(tmp_path, tokenizers["gemma"], [ROW, {**ROW, "output": "z = 3\n" * 200}], max_length=128,
+                 too_long="error")
+
+
+BAD_ROWS = [ROW, {**ROW, "output": ""}, {"instruction": "x"}, ROW, {**ROW, "output": "  "}, {**ROW, "input": 3}]
 
 
 def test_invalid_rows_are_reported_by_kind_with_row_numbers(tmp_path, tokenizers):
-    rows = [ROW, {**ROW, "output": ""}, {"instruction": "x"}, ROW, {**ROW, "output": "  "}, {**ROW, "input": 3}]
-    data = section(tmp_path, rows)
     with pytest.raises(UserError) as info:
-        build_dataset(load_rows(data), tokenizers["gemma"], ALPACA, data)
+        tokenize(tmp_path, tokenizers["gemma"], BAD_ROWS)
     message = str(info.value)
-    assert "4 of 6 rows are invalid" in message
+    assert "4 of 6 rows are invalid" in message and "data.skip_invalid" in message
     assert "2 empty output (rows 1, 4)" in message and "1 missing output (rows 2)" in message
     assert "1 non-string input (rows 5)" in message
 
 
-def test_jsonl_and_json_give_the_same_rows(tmp_path):
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in (ROW, ROW_WITH_INPUT)) + "\n")
-    (tmp_path / "d.json").write_text(json.dumps([ROW, ROW_WITH_INPUT]))
-    assert load_rows(DataSection(path=str(tmp_path / "d.jsonl"))) == load_rows(DataSection(path=str(tmp_path / "d.json")))
+def test_skip_invalid_drops_them_with_a_summary_but_not_past_the_limit(tmp_path, tokenizers):
+    tok = tokenizers["gemma"]
+    rows = [ROW] * 97 + [{**ROW, "output": ""}] * 3
+    ids, _, report = tokenize(tmp_path, tok, rows, skip_invalid=True)
+    assert len(ids) == 97 and "skipped 3 of 100 rows are invalid: 3 empty output (rows 97, 98, 99)" in report.summary()
+    with pytest.raises(UserError, match="over data.max_invalid_fraction=0.05"):
+        tokenize(tmp_path, tok, BAD_ROWS, skip_invalid=True)
 
 
-def test_broken_jsonl_line_is_named(tmp_path):
+@pytest.mark.parametrize("messages, kind", [
+    ([{"role": "user", "content": "hi"}], "messages without an assistant turn"),
+    ([{"role": "bot", "content": "hi"}], "messages with a turn that is not"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "messages with an empty assistant"),
+    ("hi", "messages not a non-empty list"),
+])
+def test_bad_conversations_are_named(tmp_path, tokenizers, messages, kind):
+    with pytest.raises(UserError, match=kind):
+        tokenize(tmp_path, tokenizers["gemma"], [{"messages": messages}], format="messages")
+
+
+def test_every_file_format_gives_the_same_rows(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [ROW, ROW_WITH_INPUT]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).to_csv(tmp_path / "d.csv", index=False)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "saved")
+    for name in ("d.jsonl", "d.parquet", "d.csv", "saved"):
+        assert load_rows(DataSection(path=str(tmp_path / name))) == rows, name
+    assert load_rows(DataSection(path=write(tmp_path, rows))) == rows
+
+
+def test_broken_jsonl_line_and_missing_file_are_named(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n{oops\n")
     with pytest.raises(UserError, match="line 2"):
         load_rows(DataSection(path=str(tmp_path / "d.jsonl")))
+    with pytest.raises(UserError, match="file not found"):
+        load_rows(DataSection(path=str(tmp_path / "nope.csv")))
+
+
+def test_eval_split_is_seeded_and_disjoint():
+    ids = [[i] for i in range(100)]
+    (train, _), (held, _) = split_eval(ids, ids, 0.1, seed=1)
+    assert len(held) == 10 and len(train) == 90 and not set(map(tuple, train)) & set(map(tuple, held))
+    assert split_eval(ids, ids, 0.1, seed=1)[1][0] == held != split_eval(ids, ids, 0.1, seed=2)[1][0]
 
 
 @pytest.mark.skipif(not CODE_ALPACA.is_file(), reason="../shared/data/code_alpaca_2k.json is not in this checkout")
 def test_real_code_alpaca_file_names_its_empty_outputs(tokenizers):
     data = DataSection(path=str(CODE_ALPACA))
     with pytest.raises(UserError) as info:
-        build_dataset(load_rows(data), tokenizers["gemma"], ALPACA, data)
+        tokenize_rows(load_rows(data), tokenizers["gemma"], TEMPLATES["alpaca"], data, data.path)
     assert "2 of 2017 rows are invalid: 2 empty output (rows 237, 1859)" in str(info.value)
 
 

@@ -72,18 +72,36 @@ class LoraSection(_Section):
         return self
 
 
+FORMAT_FIELDS = {  # our field names per data.format; data.fields maps them to a file's own columns
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "raw", "messages": "chatml", "text": "raw"}
+
+
 class DataSection(_Section):
     path: str = Field(
-        description="Training data: a local .json (list) or .jsonl file (relative to the working directory), "
-        "or a hub dataset id."
+        description="Training data: a local .json (list), .jsonl, .parquet or .csv file or a directory saved by "
+        "`datasets` (relative to the working directory), or a hub dataset id."
     )
     revision: str | None = Field(None, description="Hub dataset branch, tag or commit; pin a commit to reproduce.")
-    split: str = Field("train", description="Split of a hub dataset to train on.")
-    format: Literal["alpaca"] = Field(
-        "alpaca", description="Row format: alpaca (instruction, optional input, output)."
+    subset: str | None = Field(None, description="Hub dataset configuration (subset) name, if it has several.")
+    split: str = Field("train", description="Split of a hub dataset (or saved DatasetDict) to train on.")
+    format: Literal["alpaca", "prompt_completion", "messages", "text"] = Field(
+        "alpaca",
+        description="Row format: alpaca (instruction, optional input, output), prompt_completion, messages "
+        "(chat turns; loss on assistant turns only) or text (plain text; loss on every token).",
     )
-    template: Literal["alpaca"] = Field(
-        "alpaca", description="Prompt template; saved in the run and reused by generate and merge."
+    fields: dict[str, str] = Field(
+        {}, description="Our field names -> the file's columns, e.g. {output: response} for a `response` column."
+    )
+    template: Literal["alpaca", "chatml", "llama-2", "gemma", "tokenizer", "raw"] | None = Field(
+        None,
+        description="Prompt template: alpaca, chatml, llama-2 ([INST]), gemma (<start_of_turn>), tokenizer (the "
+        "model's own chat template) or raw (the prompt as is). Default by format: alpaca -> alpaca, "
+        "messages -> chatml, else raw. Saved in the run and reused by generate and merge.",
     )
     max_length: int = Field(
         2048, gt=8, description="Longest example in tokens (prompt + response + EOS); drives activation memory."
@@ -91,9 +109,43 @@ class DataSection(_Section):
     too_long: Literal["drop", "truncate", "error"] = Field(
         "drop",
         description="Rows longer than max_length: drop (default; every kept row keeps its trained EOS), "
-        "truncate (cut the response; rows with no response token left are dropped) or error. Always counted.",
+        "truncate (cut the end; rows with no trained token left are dropped) or error. Always counted.",
+    )
+    skip_invalid: bool = Field(
+        False, description="Drop rows with missing, empty or non-string fields (reported) instead of stopping."
+    )
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1, description="With skip_invalid, still stop when more than this fraction of rows is invalid."
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (a quick trial run); null = all.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this fraction of rows (seeded) to report eval loss; 0 = none."
+    )
+    eval_path: str | None = Field(None, description="A separate eval file (same format); exclusive with eval_fraction.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_template(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("template") is None:
+            values = {**values, "template": DEFAULT_TEMPLATE.get(values.get("format", "alpaca"), "alpaca")}
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSection:
+        known = FORMAT_FIELDS[self.format]
+        for name in self.fields:
+            if name not in known:
+                raise ValueError(f"data.fields.{name} is not a field of format {self.format}; "
+                                 f"its fields are {', '.join(known)}")
+        if self.format == "text" and self.template != "raw":
+            raise ValueError("format text carries its own formatting: use template raw")
+        if self.eval_fraction and self.eval_path:
+            raise ValueError("set data.eval_fraction or data.eval_path, not both")
+        return self
+
+    def column(self, name: str) -> str:
+        """The file's column holding our field `name`."""
+        return self.fields.get(name, name)
 
 
 class TrainSection(_Section):
@@ -181,7 +233,7 @@ def _describe(error: dict[str, Any]) -> str:
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{key}: {message}{shown}"
+    return message if message.startswith(key + ".") else f"{key}: {message}{shown}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

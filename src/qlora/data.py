@@ -1,14 +1,17 @@
 """Training data: load rows, check them, render the prompt template, tokenize and mask.
 
-The prompt and the response are tokenized separately and concatenated, so the tokens a model is
-trained on after the prompt are exactly the tokens `generate` feeds it: the prompt ids come from
-`encode_prompt`, the one function both use.
+A row becomes a conversation, the template renders it as text segments marked trained or not,
+and each segment is tokenized on its own. Generation encodes its prompt with the same functions,
+so the tokens a model sees at inference are token-for-token the prefix it was trained on.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import dataclass, field
+import random
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,56 +19,181 @@ from qlora.config import DataSection
 from qlora.errors import UserError
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross-entropy's ignore_index)
-LOCAL_SUFFIXES = (".json", ".jsonl")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 TEMPLATE_FILE = "template.json"
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Template:
-    """A prompt template: how an instruction (and optional input) becomes the text before the response."""
+    """How a conversation becomes text. Formats hold {content}, {input} (alpaca) and {system} placeholders.
+
+    A user turn renders `first_user` (or `user` after the first) and, where a reply follows,
+    `reply_start` (the generation prompt). A reply is its content plus `reply_end`, then EOS; the
+    reply, `reply_end` and EOS are trained, everything else is masked. System text is rendered with
+    `system` and placed at {system} in `first_user`, or before it; "" drops it.
+    """
 
     name: str
-    prompt_no_input: str
-    prompt_with_input: str
+    first_user: str = "{content}"
+    user: str = "{content}"
+    reply_start: str = ""
+    reply_end: str = ""
+    system: str = ""
+    first_user_with_input: str | None = None
 
     def render(self, instruction: str, input: str = "") -> str:
-        if input:
-            return self.prompt_with_input.format(instruction=instruction, input=input)
-        return self.prompt_no_input.format(instruction=instruction)
+        """The single-turn prompt text for an instruction (and alpaca input), ending where the reply starts."""
+        return "".join(text for text, _ in self.segments([{"role": "user", "content": instruction}], input, True))
+
+    def segments(self, messages: list[dict[str, str]], input: str = "",
+                 add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """(text, trained) segments of a conversation; a reply is one trained segment (EOS follows it)."""
+        system = "".join(_fill(self.system, content=m["content"]) for m in messages if m["role"] == "system")
+        out: list[tuple[str, bool]] = []
+        turns = [m for m in messages if m["role"] != "system"]
+        for i, m in enumerate(turns):
+            if m["role"] == "assistant":
+                out.append((m["content"] + self.reply_end, True))
+                continue
+            first, content = not out, m["content"]
+            fmt = self.first_user if first else self.user
+            if first and input:
+                if self.first_user_with_input:
+                    fmt = self.first_user_with_input
+                else:  # no input slot: the input follows the instruction in the message
+                    content = f"{content}\n\n{input}"
+            text = _fill(fmt, content=content, input=input, system=system if first else "")
+            if first and "{system}" not in fmt:
+                text = system + text
+            follows = i + 1 < len(turns) and turns[i + 1]["role"] == "assistant"
+            if follows or (i + 1 == len(turns) and add_generation_prompt):
+                text += self.reply_start
+            out.append((text, False))
+        return out
 
     def save(self, directory: Path) -> None:
-        (directory / TEMPLATE_FILE).write_text(json.dumps(self.__dict__, indent=1) + "\n", encoding="utf-8")
+        (directory / TEMPLATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, directory: Path) -> Template:
         return cls(**json.loads((directory / TEMPLATE_FILE).read_text(encoding="utf-8")))
 
 
+def _fill(fmt: str, **values: str) -> str:
+    """Replace {name} placeholders in one pass (values may themselves contain braces)."""
+    return re.sub(r"\{(content|input|system)\}", lambda m: values.get(m.group(1), ""), fmt)
+
+
+ALPACA_PREAMBLE = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
 TEMPLATES = {
     "alpaca": Template(
-        name="alpaca",
-        prompt_no_input=(
-            "Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Response:\n"
-        ),
-        prompt_with_input=(
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-        ),
+        "alpaca",
+        first_user=ALPACA_PREAMBLE.format("") + "### Instruction:\n{content}\n\n",
+        first_user_with_input=ALPACA_PREAMBLE.format(", paired with an input that provides further context")
+        + "### Instruction:\n{content}\n\n### Input:\n{input}\n\n",
+        user="\n\n### Instruction:\n{content}\n\n",
+        reply_start="### Response:\n",
     ),
+    "chatml": Template(
+        "chatml",
+        first_user="<|im_start|>user\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n",
+        reply_start="<|im_start|>assistant\n",
+        reply_end="<|im_end|>\n",
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+    ),
+    "llama-2": Template(
+        "llama-2",
+        first_user="[INST] {system}{content} [/INST]",
+        user="[INST] {content} [/INST]",
+        system="<<SYS>>\n{content}\n<</SYS>>\n\n",
+    ),
+    "gemma": Template(  # Gemma has no system role: system text opens the first user turn
+        "gemma",
+        first_user="<start_of_turn>user\n{system}{content}<end_of_turn>\n",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n",
+        reply_start="<start_of_turn>model\n",
+        reply_end="<end_of_turn>\n",
+        system="{content}\n\n",
+    ),
+    "raw": Template("raw"),
+    "tokenizer": Template("tokenizer"),  # rendered by the tokenizer's own chat template
 }
 
 
+def chat_template_segments(tokenizer, messages: list[dict[str, str]],
+                           add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """Segments from the tokenizer's own chat template, by diffing renders of growing prefixes."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.template: tokenizer, but the model's tokenizer has no chat template; "
+                        "choose alpaca, chatml, llama-2 or gemma")
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False) if msgs else ""
+
+    out, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError("data.template: the model's chat template does not render a conversation as a "
+                            "growing prefix, so replies cannot be masked exactly; choose chatml, llama-2 or gemma")
+        out += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    if add_generation_prompt or not out:
+        rest = render(messages, add_generation_prompt)[len(done):]
+        if rest:
+            out.append((rest, False))
+    return out
+
+
+def segments_for(template: Template, tokenizer, messages, input: str = "", add_generation_prompt: bool = False):
+    """(text, trained) segments of a conversation whose first turn may carry an alpaca input."""
+    if template.name == "tokenizer":
+        if input:  # chat templates have no input slot: it follows the instruction in the message
+            messages = [{**messages[0], "content": f"{messages[0]['content']}\n\n{input}"}, *messages[1:]]
+        return chat_template_segments(tokenizer, messages, add_generation_prompt)
+    return template.segments(messages, input, add_generation_prompt)
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): each segment tokenized on its own; trained ones end with a trained EOS.
+
+    Only the first segment gets the tokenizer's special tokens, so there is exactly the BOS the
+    model's own convention adds (a template that also writes one is deduplicated). The EOS label is
+    set explicitly, never derived from the pad id, so it is trained even when padding uses EOS.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for i, (text, trained) in enumerate(segments):
+        part = tokenizer(text, add_special_tokens=i == 0)["input_ids"]
+        while i == 0 and bos is not None and len(part) > 1 and part[0] == bos == part[1]:
+            part = part[1:]
+        if trained and (not part or part[-1] != eos):
+            part = part + [eos]
+        ids += part
+        labels += part if trained else [IGNORE_INDEX] * len(part)
+    return ids, labels
+
+
+def encode_prompt(tokenizer, template: Template, instruction: str, input: str = "") -> list[int]:
+    """Token ids of a single-turn prompt, exactly as the training sequence starts."""
+    messages = [{"role": "user", "content": instruction}]
+    return encode_segments(tokenizer, segments_for(template, tokenizer, messages, input, True))[0]
+
+
+# Loading ------------------------------------------------------------------------------------------
+
+
 def is_local_path(path: str) -> bool:
-    """Whether data.path names a local file rather than a hub dataset id."""
+    """Whether data.path names a local file or directory rather than a hub dataset id."""
     return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
 
 
-def _read_local(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise UserError(f"data.path: file not found: {path} (check the path, relative to {Path.cwd()})")
+def _read_json(path: Path) -> list[Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
@@ -85,36 +213,144 @@ def _read_local(path: Path) -> list[Any]:
     return rows
 
 
-def load_rows(data: DataSection) -> list[Any]:
-    """The raw rows of data.path: a local .json/.jsonl file or a hub dataset (revision, split)."""
-    if is_local_path(data.path):
-        rows = _read_local(Path(data.path).expanduser())
+def _read_local(path: Path, data: DataSection) -> list[Any]:
+    if path.is_dir():
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise UserError(f"data.path: {path} is a directory but not one saved by datasets.save_to_disk") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if data.split not in loaded:
+                raise UserError(f"data.split: {path} has no split {data.split!r} (it has {', '.join(loaded)})")
+            loaded = loaded[data.split]
+        return list(loaded)
+    if not path.is_file():
+        raise UserError(f"data.path: file not found: {path} (check the path, relative to {Path.cwd()})")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    return _read_json(path)
+
+
+def load_rows(data: DataSection, path: str | None = None) -> list[Any]:
+    """The raw rows of data.path (or `path`): a local file or directory, or a hub dataset."""
+    path = path or data.path
+    if is_local_path(path):
+        rows = _read_local(Path(path).expanduser(), data)
     else:
         import datasets
 
         try:
-            rows = list(datasets.load_dataset(data.path, revision=data.revision, split=data.split))
+            rows = list(datasets.load_dataset(path, data.subset, revision=data.revision, split=data.split))
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad id, split or no network
-            raise UserError(f"data.path: could not load hub dataset {data.path!r} "
-                            f"(revision {data.revision}, split {data.split}): {exc}") from None
+            raise UserError(f"data.path: could not load hub dataset {path!r} (subset {data.subset}, revision "
+                            f"{data.revision}, split {data.split}): {exc}") from None
     return rows[: data.max_rows] if data.max_rows else rows
+
+
+# Checking and converting rows ---------------------------------------------------------------------
+
+
+def _string_problem(row: dict, column: str, required: bool = True) -> str | None:
+    value = row.get(column)
+    if value is None:
+        return f"missing {column}" if required else None
+    if not isinstance(value, str):
+        return f"non-string {column}"
+    if required and not value.strip():
+        return f"empty {column}"
+    return None
+
+
+def _messages_problem(value: Any, column: str) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"missing {column}" if value is None else f"{column} not a non-empty list"
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return f"{column} with a turn that is not {{role: system|user|assistant, content}}"
+        if not isinstance(m.get("content"), str):
+            return f"{column} with a non-string content"
+    replies = [m for m in value if m["role"] == "assistant"]
+    if not replies:
+        return f"{column} without an assistant turn"
+    if any(not m["content"].strip() for m in replies):
+        return f"{column} with an empty assistant turn"
+    return None
+
+
+def row_problem(row: Any, data: DataSection) -> str | None:
+    """Why a row cannot be trained on (a short kind, naming the file's column), or None if it is fine."""
+    if not isinstance(row, dict):
+        return "not an object"
+    c = data.column
+    if data.format == "alpaca":
+        return (_string_problem(row, c("instruction")) or _string_problem(row, c("output"))
+                or _string_problem(row, c("input"), required=False))
+    if data.format == "prompt_completion":
+        return _string_problem(row, c("prompt")) or _string_problem(row, c("completion"))
+    if data.format == "messages":
+        return _messages_problem(row.get(c("messages")), c("messages"))
+    return _string_problem(row, c("text"))
+
+
+def row_segments(row: dict, data: DataSection, template: Template, tokenizer) -> list[tuple[str, bool]]:
+    """A checked row as (text, trained) segments."""
+    c = data.column
+    if data.format == "text":
+        return [(row[c("text")], True)]
+    if data.format == "messages":
+        return segments_for(template, tokenizer, [{"role": m["role"], "content": m["content"]}
+                                                  for m in row[c("messages")]])
+    if data.format == "alpaca":
+        user, reply, input = row[c("instruction")], row[c("output")], row.get(c("input")) or ""
+    else:
+        user, reply, input = row[c("prompt")], row[c("completion")], ""
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return segments_for(template, tokenizer, messages, input)
+
+
+def _first_rows(rows: list[int], limit: int = 5) -> str:
+    shown = ", ".join(map(str, rows[:limit]))
+    return shown + (", ..." if len(rows) > limit else "")
 
 
 @dataclass
 class DataReport:
-    """What happened to every row: used, invalid (by kind, with row numbers), too long."""
+    """What happened to every row: invalid (by kind, with 0-based row numbers), too long, used."""
 
+    source: str
     rows_total: int = 0
     invalid: dict[str, list[int]] = field(default_factory=dict)
     dropped_too_long: list[int] = field(default_factory=list)
     truncated: list[int] = field(default_factory=list)
-    examples: int = 0
+    lengths: list[int] = field(default_factory=list)  # tokens per kept example
     tokens: int = 0
     trained_tokens: int = 0
+    eos_trained: int = 0  # kept examples whose last trained token is EOS
+
+    @property
+    def examples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def invalid_count(self) -> int:
+        return sum(map(len, self.invalid.values()))
+
+    def invalid_summary(self) -> str:
+        kinds = "; ".join(f"{len(rows)} {kind} (rows {_first_rows(rows)})" for kind, rows in self.invalid.items())
+        return f"{self.invalid_count} of {self.rows_total} rows are invalid: {kinds}"
 
     def summary(self) -> str:
         parts = [f"{self.examples} of {self.rows_total} rows used, {self.tokens} tokens "
                  f"({self.trained_tokens / max(self.tokens, 1):.0%} trained)"]
+        if self.invalid:
+            parts.append("skipped " + self.invalid_summary())
         if self.dropped_too_long:
             parts.append(f"{len(self.dropped_too_long)} dropped as longer than data.max_length "
                          f"(rows {_first_rows(self.dropped_too_long)})")
@@ -123,86 +359,84 @@ class DataReport:
         return "; ".join(parts)
 
 
-def _first_rows(rows: list[int], limit: int = 5) -> str:
-    shown = ", ".join(map(str, rows[:limit]))
-    return shown + (", ..." if len(rows) > limit else "")
+def find_invalid(rows: list[Any], data: DataSection, report: DataReport) -> list[int]:
+    """Record invalid rows in the report; raise a UserError unless data.skip_invalid allows them.
 
-
-def row_problem(row: Any) -> str | None:
-    """Why an Alpaca row cannot be trained on, or None if it is fine."""
-    if not isinstance(row, dict):
-        return "not an object"
-    for key in ("instruction", "output"):
-        if key not in row or row[key] is None:
-            return f"missing {key}"
-        if not isinstance(row[key], str):
-            return f"non-string {key}"
-        if not row[key].strip():
-            return f"empty {key}"
-    if row.get("input") is not None and not isinstance(row["input"], str):
-        return "non-string input"
-    return None
-
-
-def check_rows(rows: list[Any], source: str) -> None:
-    """Raise a UserError listing invalid rows by kind with their (0-based) row numbers."""
-    invalid: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        problem = row_problem(row)
-        if problem:
-            invalid.setdefault(problem, []).append(index)
-    if invalid:
-        kinds = "; ".join(f"{len(idx)} {kind} (rows {_first_rows(idx)})" for kind, idx in invalid.items())
-        raise UserError(f"{source}: {sum(map(len, invalid.values()))} of {len(rows)} rows are invalid: {kinds}. "
-                        "Fix or remove those rows.")
-    if not rows:
-        raise UserError(f"{source}: no rows to train on")
-
-
-def encode_prompt(tokenizer, template: Template, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the rendered prompt, with exactly the BOS the tokenizer's own convention adds (never two)."""
-    ids = tokenizer(template.render(instruction, input), add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    return ids
-
-
-def encode_example(tokenizer, template: Template, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one Alpaca row: prompt masked with -100, response and final EOS trained.
-
-    The EOS label is set explicitly, never derived from the pad id, so it is trained even when
-    the tokenizer pads with EOS.
+    Returns the indices of the valid rows.
     """
-    prompt = encode_prompt(tokenizer, template, row["instruction"], row.get("input") or "")
-    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt + response, [IGNORE_INDEX] * len(prompt) + response
-
-
-def build_dataset(rows: list[Any], tokenizer, template: Template, data: DataSection):
-    """Tokenize checked rows into a datasets.Dataset of input_ids/labels, applying data.too_long."""
-    import datasets
-
-    check_rows(rows, data.path)
-    report = DataReport(rows_total=len(rows))
-    input_ids, labels = [], []
+    valid = []
     for index, row in enumerate(rows):
-        ids, lab = encode_example(tokenizer, template, row)
+        problem = row_problem(row, data)
+        if problem:
+            report.invalid.setdefault(problem, []).append(index)
+        else:
+            valid.append(index)
+    if not rows:
+        raise UserError(f"{report.source}: no rows to train on")
+    if report.invalid:
+        fraction = report.invalid_count / len(rows)
+        if not data.skip_invalid:
+            raise UserError(f"{report.source}: {report.invalid_summary()}. Fix or remove them, or set "
+                            "data.skip_invalid: true to drop them")
+        if fraction > data.max_invalid_fraction:
+            raise UserError(f"{report.source}: {report.invalid_summary()}: {fraction:.1%} is over "
+                            f"data.max_invalid_fraction={data.max_invalid_fraction}; fix the file or raise it")
+    return valid
+
+
+def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSection, source: str):
+    """Check and tokenize rows: (input_ids list, labels list, DataReport), applying data.too_long."""
+    report = DataReport(source=source, rows_total=len(rows))
+    input_ids, labels = [], []
+    for index in find_invalid(rows, data, report):
+        ids, lab = encode_segments(tokenizer, row_segments(rows[index], data, template, tokenizer))
         if len(ids) > data.max_length:
-            prompt_len = lab.count(IGNORE_INDEX)
             if data.too_long == "error":
-                raise UserError(f"{data.path}: row {index} has {len(ids)} tokens, over data.max_length="
+                raise UserError(f"{source}: row {index} has {len(ids)} tokens, over data.max_length="
                                 f"{data.max_length}; raise max_length or set data.too_long to drop or truncate")
-            if data.too_long == "drop" or prompt_len >= data.max_length:
+            ids, lab = ids[: data.max_length], lab[: data.max_length]
+            if data.too_long == "drop" or all(x == IGNORE_INDEX for x in lab):
                 report.dropped_too_long.append(index)
                 continue
-            ids, lab = ids[: data.max_length], lab[: data.max_length]
             report.truncated.append(index)
         input_ids.append(ids)
         labels.append(lab)
+        report.lengths.append(len(ids))
         report.tokens += len(ids)
         report.trained_tokens += sum(1 for x in lab if x != IGNORE_INDEX)
-    report.examples = len(input_ids)
+        report.eos_trained += lab[-1] == tokenizer.eos_token_id
     if not input_ids:
-        raise UserError(f"{data.path}: every row is longer than data.max_length={data.max_length}; raise it")
-    return datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels}), report
+        raise UserError(f"{source}: no row fits data.max_length={data.max_length}; raise it")
+    return input_ids, labels, report
+
+
+def split_eval(input_ids: list, labels: list, fraction: float, seed: int):
+    """Seeded hold-out of `fraction` of the examples: ((train ids, labels), (eval ids, labels))."""
+    order = list(range(len(input_ids)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * fraction))
+    held, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
+    if not kept:
+        raise UserError(f"data.eval_fraction={fraction} leaves no rows to train on")
+
+    def pick(indices):
+        return [input_ids[i] for i in indices], [labels[i] for i in indices]
+
+    return pick(kept), pick(held)
+
+
+def build_datasets(recipe, rows: list[Any], tokenizer, template: Template):
+    """(train Dataset, eval Dataset or None, DataReport) for a recipe's already loaded training rows."""
+    import datasets
+
+    data = recipe.data
+    ids, labels, report = tokenize_rows(rows, tokenizer, template, data, data.path)
+    eval_set = None
+    if data.eval_path:
+        eval_ids, eval_labels, _ = tokenize_rows(load_rows(data, data.eval_path), tokenizer, template, data,
+                                                 data.eval_path)
+        eval_set = datasets.Dataset.from_dict({"input_ids": eval_ids, "labels": eval_labels})
+    elif data.eval_fraction:
+        (ids, labels), (eval_ids, eval_labels) = split_eval(ids, labels, data.eval_fraction, recipe.train.seed)
+        eval_set = datasets.Dataset.from_dict({"input_ids": eval_ids, "labels": eval_labels})
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}), eval_set, report

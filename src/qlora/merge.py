@@ -8,6 +8,7 @@ full-precision base, which the adapter never saw (quantization error then shows 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +40,33 @@ VERIFY_PROMPTS = (
 MIN_AGREEMENT = 0.97
 
 
-def chat_template(template: Template, add_bos: bool) -> str:
-    """A Jinja chat template rendering a user message X exactly as the training prompt for instruction X.
+def _jinja(fmt: str, **exprs: str) -> str:
+    """A template format string as a Jinja expression: literals as JSON strings, placeholders as `exprs`."""
+    parts = re.split(r"(\{(?:content|system|input)\})", fmt)
+    pieces = [exprs.get(p[1:-1], "''") if re.fullmatch(r"\{\w+\}", p) else json.dumps(p) for p in parts if p]
+    return " + ".join(pieces) or "''"
 
-    Assistant turns end with EOS, as trained; system messages are ignored (the template has its own preamble).
+
+def chat_template(template: Template, add_bos: bool) -> str:
+    """A Jinja chat template that renders conversations exactly as `template` did in training.
+
+    A user message X with add_generation_prompt renders the training prompt for instruction X;
+    each assistant turn ends with its trained reply_end and EOS.
     """
-    prefix, suffix = template.prompt_no_input.split("{instruction}")
+    first = template.first_user if "{system}" in template.first_user else "{system}" + template.first_user
     return (
         ("{{- bos_token -}}" if add_bos else "")
-        + "{%- for m in messages -%}"
+        + "{%- set ns = namespace(system='', first=true) -%}"
+        + "{%- for m in messages if m['role'] == 'system' -%}"
+        + "{%- set ns.system = ns.system + " + _jinja(template.system, content="m['content']") + " -%}"
+        + "{%- endfor -%}"
+        + "{%- for m in messages if m['role'] != 'system' -%}"
         + "{%- if m['role'] == 'user' -%}"
-        + "{{- " + json.dumps(prefix) + " + m['content'] -}}"
-        + "{%- if not loop.last or add_generation_prompt -%}{{- " + json.dumps(suffix) + " -}}{%- endif -%}"
-        + "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + eos_token -}}"
+        + "{%- if ns.first -%}{{- " + _jinja(first, content="m['content']", system="ns.system") + " -}}"
+        + "{%- else -%}{{- " + _jinja(template.user, content="m['content']") + " -}}{%- endif -%}"
+        + "{%- set ns.first = false -%}"
+        + "{%- if not loop.last or add_generation_prompt -%}{{- " + _jinja(template.reply_start) + " -}}{%- endif -%}"
+        + "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + " + _jinja(template.reply_end) + " + eos_token -}}"
         + "{%- endif -%}{%- endfor -%}"
     )
 
@@ -107,8 +122,9 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         model = load_merged_model(run, recipe, base, dtype)
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
         template = Template.load(run / ADAPTER_DIR)
-        add_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-        tokenizer.chat_template = chat_template(template, add_bos)
+        if template.name != "tokenizer":  # else the tokenizer's own chat template, as trained, is kept
+            add_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+            tokenizer.chat_template = chat_template(template, add_bos)
 
         g = recipe.generation
         model.generation_config = GenerationConfig(

@@ -43,7 +43,7 @@ ARCHITECTURES = tuple(SPECS)
 
 def _corpus() -> list[str]:
     """Text to train the tokenizer on: our prompt templates, the sample data and a little prose."""
-    texts = [t.prompt_with_input + t.prompt_no_input for t in TEMPLATES.values()]
+    texts = [t.render("x", "y") + t.render("x") + t.reply_end for t in TEMPLATES.values()]
     if SAMPLE_DATA.is_file():
         for row in json.loads(SAMPLE_DATA.read_text(encoding="utf-8")):
             texts.extend(row.values())

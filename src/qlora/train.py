@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from qlora.config import Recipe, dump_recipe
-from qlora.data import TEMPLATES, build_dataset, load_rows
+from qlora.data import TEMPLATES, build_datasets, load_rows
 from qlora.errors import UserError
 from qlora.model import add_lora, load_quantized_base, load_tokenizer
 
@@ -62,6 +62,9 @@ def make_metrics_callback(path: Path):
             self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
             if not logs or "loss" not in logs:
                 return
             now, tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -104,6 +107,8 @@ def sft_config(recipe: Recipe, run: Path):
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
+        eval_strategy="steps" if recipe.data.eval_fraction or recipe.data.eval_path else "no",
+        eval_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to) or "none",
         bf16=compute == "bfloat16",
@@ -125,9 +130,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = N
     recipe = resolved_recipe(recipe)
     run = Path(recipe.train.output_dir)
     template = TEMPLATES[recipe.data.template]
-    rows = load_rows(recipe.data)
+    rows = load_rows(recipe.data)  # a missing data file is reported before any download
     tokenizer = load_tokenizer(recipe.model)
-    dataset, report = build_dataset(rows, tokenizer, template, recipe.data)
+    dataset, eval_dataset, report = build_datasets(recipe, rows, tokenizer, template)
     console.print(f"data: {report.summary()}")
 
     prepare_run_dir(run, overwrite)
@@ -142,6 +147,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = N
         model=model,
         args=sft_config(recipe, run),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[make_metrics_callback(run / METRICS_FILE), *(callbacks or [])],
     )
