@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qlora.errors import UserError
+from qlora.errors import RunFailed, RunInterrupted, UserError
 
 app = typer.Typer(
     help="QLoRA fine-tuning from one YAML recipe: 4-bit NF4 base + LoRA adapters + TRL SFTTrainer.",
@@ -27,12 +27,18 @@ SetOption = Annotated[
 
 
 def _run(action):
-    """Run a command body: user errors exit 2 with one line, no traceback."""
+    """Run a command body: user errors exit 2, failed runs 1, signalled runs 128 + N; one line, no traceback."""
     try:
         return action()
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except RunFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except RunInterrupted as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()
@@ -48,6 +54,37 @@ def train(
         from qlora.train import train as train_recipe
 
         train_recipe(load_recipe(recipe, set_ or []), overwrite=overwrite)
+
+    _run(body)
+
+
+@app.command()
+def check(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Pre-flight report: rows, lengths, masking, EOS, packing, parameters, peak GPU memory estimate.
+
+    Loads the tokenizer, data and model config only. Exit 2 where training would fail or lose data.
+    """
+
+    def body():
+        import json
+
+        from rich.console import Console
+
+        from qlora.check import check as check_recipe, print_report
+        from qlora.config import load_recipe
+
+        loaded = load_recipe(recipe, set_ or [])
+        report = check_recipe(loaded)
+        if as_json:
+            typer.echo(json.dumps(report.to_json(), indent=1))
+        else:
+            print_report(report, loaded, Console(highlight=False, soft_wrap=True))
+        if report.errors:
+            raise typer.Exit(2)
 
     _run(body)
 

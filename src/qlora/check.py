@@ -1,0 +1,237 @@
+"""`qlora check`: a pre-flight report on the data, the masking and the memory a recipe will need.
+
+It loads the tokenizer, the data and the model's config only (never the weights), runs the same
+row checks `train` runs, and estimates peak GPU memory from the config alone.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from qlora.config import Recipe
+from qlora.data import IGNORE_INDEX, TEMPLATES, DataReport, find_invalid, load_rows, tokenize_rows
+from qlora.errors import UserError
+
+GB = 1024**3
+NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
+OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class ModelShape:
+    """Parameter counts of a model, read from its config on the meta device (no weights)."""
+
+    quantized: int  # weights of the linear layers bitsandbytes quantizes (all but the output head)
+    other: int  # embeddings, norms, an untied output head
+    lora: int  # trainable adapter parameters for the recipe's lora section
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def model_shape(recipe: Recipe) -> ModelShape:
+    """Count parameters by building the model on the meta device from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"model.name_or_path: cannot read the config of {recipe.model.name_or_path!r}: {exc}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    head = model.get_output_embeddings()
+    targets = recipe.lora.target_modules
+    quantized = lora = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        quantized += module.weight.numel()
+        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+            lora += recipe.lora.r * (module.in_features + module.out_features)
+    total = sum(p.numel() for p in model.parameters())
+    text = getattr(config, "text_config", config)
+    return ModelShape(quantized=quantized, other=total - quantized, lora=lora, hidden=text.hidden_size,
+                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+                      layers=text.num_hidden_layers, vocab=text.vocab_size)
+
+
+def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str, Any]:
+    """Peak GPU memory (bytes) by part, for the worst micro-batch: batch_size rows of the longest example.
+
+    The formula is written out in the README ("Memory estimate").
+    """
+    q, t = recipe.quantization, recipe.train
+    compute = DTYPE_BYTES[q.compute_dtype]
+    if q.load_in_4bit:
+        weights = shape.quantized * 0.5
+        constants = shape.quantized / NF4_BLOCK * (1 + 4 / NESTED_BLOCK if q.double_quant else 4)
+        other = shape.other * 4  # prepare_model_for_kbit_training upcasts non-quantized weights to float32
+    else:
+        weights, constants, other = shape.quantized * compute, 0.0, shape.other * compute
+    adapters = shape.lora * (4 + 4 + OPTIMIZER_BYTES[t.optimizer])  # fp32 weights, fp32 grads, optimizer state
+    tokens = t.batch_size * longest
+    per_layer_full = tokens * (14 * shape.hidden + 5 * shape.intermediate) * compute
+    with_ckpt = shape.layers * tokens * shape.hidden * compute + per_layer_full
+    without_ckpt = shape.layers * per_layer_full
+    logits = tokens * shape.vocab * (compute + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
+    parts = {
+        "nf4_weights" if q.load_in_4bit else "base_weights": weights,
+        "quantization_constants": constants,
+        "unquantized_weights": other,
+        "lora_weights_grads_optimizer": adapters,
+        "activations": with_ckpt if t.gradient_checkpointing else without_ckpt,
+        "logits": logits,
+    }
+    return {
+        "parts": parts,
+        "total": sum(parts.values()),
+        "activations_with_checkpointing": with_ckpt,
+        "activations_without_checkpointing": without_ckpt,
+        "tokens_per_micro_batch": tokens,
+    }
+
+
+def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
+    """Real tokens / padded tokens when random batches are padded to their longest row."""
+    order = lengths[:]
+    random.Random(seed).shuffle(order)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return sum(order) / sum(max(b) * len(b) for b in batches)
+
+
+def packing_efficiency(lengths: list[int], capacity: int) -> float:
+    """Real tokens / packed capacity with best-fit-decreasing packing into rows of `capacity` tokens."""
+    bins: list[int] = []  # free space left in each packed row
+    for n in sorted(lengths, reverse=True):
+        fits = [i for i, free in enumerate(bins) if free >= n]
+        if fits:
+            best = min(fits, key=lambda i: bins[i])
+            bins[best] -= n
+        else:
+            bins.append(capacity - n)
+    return sum(lengths) / (len(bins) * capacity)
+
+
+@dataclass
+class CheckReport:
+    data: DataReport
+    errors: list[str] = field(default_factory=list)
+    length_stats: dict[str, float] = field(default_factory=dict)
+    histogram: list[tuple[int, int, int]] = field(default_factory=list)  # (from, to, count)
+    padding_efficiency: float = 0.0
+    packing_efficiency: float = 0.0
+    trainable_parameters: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
+    examples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) spans
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"].pop("lengths")
+        d["data"]["examples"] = self.data.examples
+        return d
+
+
+def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
+    low, high = min(lengths), max(lengths)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - low) // width, bins - 1)] += 1
+    return [(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts)]
+
+
+def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """Decoded runs of consecutive tokens that are all trained or all masked."""
+    out: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
+            out.append((tokenizer.decode(ids[start:i]), labels[start] != IGNORE_INDEX))
+            start = i
+    return out
+
+
+def check(recipe: Recipe) -> CheckReport:
+    """Everything `qlora check` reports; `errors` lists what would stop `qlora train` (exit 2)."""
+    from qlora.model import load_tokenizer
+
+    data = recipe.data
+    rows = load_rows(data)
+    tokenizer = load_tokenizer(recipe.model)
+    template = TEMPLATES[data.template]
+    errors = []
+    try:  # the very check train runs first
+        find_invalid(rows, data, DataReport(source=data.path, rows_total=len(rows)))
+    except UserError as exc:
+        errors.append(str(exc))
+    # report on everything that can be trained, whatever the policy says
+    lenient = data.model_copy(update={"skip_invalid": True, "max_invalid_fraction": 1.0,
+                                      "too_long": "drop" if data.too_long == "error" else data.too_long})
+    ids, labels, report = tokenize_rows(rows, tokenizer, template, lenient, data.path)
+    if data.too_long == "error" and report.dropped_too_long:
+        errors.append(f"{data.path}: {len(report.dropped_too_long)} rows are longer than data.max_length="
+                      f"{data.max_length} (first: row {report.dropped_too_long[0]}); raise max_length or set "
+                      "data.too_long to drop or truncate")
+    lengths = report.lengths
+    shape = model_shape(recipe)
+    ordered = sorted(lengths)
+    return CheckReport(
+        data=report,
+        errors=errors,
+        length_stats={"min": ordered[0], "median": statistics.median(ordered),
+                      "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]},
+        histogram=histogram(lengths),
+        padding_efficiency=padding_efficiency(lengths, recipe.train.batch_size, recipe.train.seed),
+        packing_efficiency=packing_efficiency(lengths, data.max_length),
+        trainable_parameters=shape.lora,
+        memory=estimate_memory(recipe, shape, ordered[-1]),
+        examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
+    )
+
+
+def print_report(report: CheckReport, recipe: Recipe, console) -> None:
+    """The human-readable report: colour in a terminal, [-masked-] / [+trained+] markers otherwise."""
+    from rich.markup import escape
+
+    d, stats = report.data, report.length_stats
+    console.print(f"[bold]data[/] {d.source}: {d.rows_total} rows, {d.rows_total - d.invalid_count} valid"
+                  + (f", {escape(d.invalid_summary())}" if d.invalid else ""))
+    console.print(f"tokens per example: min {stats['min']}, median {stats['median']:g}, p95 {stats['p95']}, "
+                  f"max {stats['max']}")
+    top = max(c for _, _, c in report.histogram)
+    for low, high, count in report.histogram:
+        console.print(f"  {low:>6}-{high:<6} {'#' * round(30 * count / top):<30} {count}")
+    console.print(f"longer than data.max_length={recipe.data.max_length}: {len(d.dropped_too_long)} dropped, "
+                  f"{len(d.truncated)} truncated")
+    console.print(f"trained tokens: {d.trained_tokens:,} of {d.tokens:,} ({d.trained_tokens / d.tokens:.1%})")
+    console.print(f"EOS trained: {d.eos_trained} of {d.examples} examples ({d.eos_trained / d.examples:.1%})")
+    console.print(f"batches of {recipe.train.batch_size} padded to their longest row: {report.padding_efficiency:.1%}"
+                  f" real tokens; packed best-fit-decreasing into {recipe.data.max_length}: "
+                  f"{report.packing_efficiency:.1%}")
+    console.print(f"trainable parameters: {report.trainable_parameters:,} (LoRA r={recipe.lora.r} on "
+                  f"{recipe.lora.target_modules})")
+    m = report.memory
+    console.print(f"[bold]peak GPU memory estimate: {m['total'] / GB:.2f} GiB[/] (micro-batch of "
+                  f"{m['tokens_per_micro_batch']:,} tokens, longest example x batch_size)")
+    for name, value in m["parts"].items():
+        console.print(f"  {name:<30} {value / GB:8.3f} GiB")
+    console.print(f"  activations: {m['activations_with_checkpointing'] / GB:.3f} GiB with gradient checkpointing, "
+                  f"{m['activations_without_checkpointing'] / GB:.3f} GiB without")
+    for number, example in enumerate(report.examples, start=1):
+        console.print(f"[bold]example {number}[/] ([dim]masked[/] / [green]trained[/]):")
+        if console.is_terminal:
+            console.print("".join(f"[green]{escape(t)}[/]" if trained else f"[dim]{escape(t)}[/]"
+                                  for t, trained in example))
+        else:
+            console.print(escape("".join(f"[+{t}+]" if trained else f"[-{t}-]" for t, trained in example)),
+                          highlight=False)
+    for error in report.errors:
+        console.print(f"[red]error:[/] {escape(error)}")

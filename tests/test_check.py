@@ -1,0 +1,111 @@
+"""qlora check: the pre-flight report, its exit codes, and the memory estimate's arithmetic."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROW, ROW_WITH_INPUT
+from qlora.check import GB, check, estimate_memory, model_shape, packing_efficiency, padding_efficiency
+from qlora.config import validate_recipe
+from qlora.errors import UserError
+from qlora.train import train
+
+CODE_ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "code_alpaca_2k.json"
+needs_code_alpaca = pytest.mark.skipif(not CODE_ALPACA.is_file(), reason="../shared/data/code_alpaca_2k.json absent")
+
+
+def test_report_on_clean_data(make_recipe):
+    report = check(make_recipe(rows=[ROW, ROW_WITH_INPUT, ROW]))
+    d = report.data
+    assert report.errors == [] and d.rows_total == 3 and d.examples == 3 and d.eos_trained == 3
+    assert 0 < d.trained_tokens < d.tokens
+    assert report.length_stats["min"] <= report.length_stats["median"] <= report.length_stats["max"]
+    assert sum(c for _, _, c in report.histogram) == 3
+    assert report.trainable_parameters == 65_536  # r=16 x (in+out) over the 14 linears of the tiny Gemma
+    first = report.examples[0]
+    assert [trained for _, trained in first] == [False, True]
+    assert first[1][0] == ROW["output"] + "<eos>"
+
+
+def test_train_stops_on_the_same_error_check_reports(make_recipe):
+    recipe = make_recipe(rows=[ROW, {**ROW, "output": ""}])
+    report = check(recipe)
+    with pytest.raises(UserError) as info:
+        train(recipe)
+    assert report.errors == [str(info.value)] and "rows 1" in str(info.value)
+    assert not Path(recipe.train.output_dir).exists()
+
+
+def test_efficiencies():
+    assert padding_efficiency([10, 10, 10, 10], 2, seed=0) == 1.0
+    assert padding_efficiency([10, 30], 2, seed=0) == 40 / 60
+    assert packing_efficiency([60, 40, 50, 50], 100) == 1.0  # 60+40 and 50+50
+    assert packing_efficiency([70, 70], 100) == 140 / 200
+
+
+def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
+    from transformers import GemmaConfig
+
+    GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                num_attention_heads=8, num_key_value_heads=1, head_dim=256).save_pretrained(tmp_path)
+    raw = {"model": {"name_or_path": str(tmp_path)}, "data": {"path": "x.json"},
+           "train": {"output_dir": "x", "batch_size": 4, "optimizer": "paged_adamw_8bit"}}
+    recipe = validate_recipe(raw, "r")
+    shape = model_shape(recipe)
+    assert shape.lora == 19_611_648  # the figure peft prints for Gemma-2B, r=16, all-linear
+    m = estimate_memory(recipe, shape, longest=1024)
+    parts = m["parts"]
+    assert parts["nf4_weights"] == shape.quantized / 2
+    assert parts["logits"] == 4 * 1024 * 256000 * (2 + 4 + 4)
+    assert parts["lora_weights_grads_optimizer"] == shape.lora * 10
+    assert m["activations_with_checkpointing"] < m["activations_without_checkpointing"]
+    assert 10 * GB < m["total"] < 20 * GB
+    single = estimate_memory(validate_recipe({**raw, "quantization": {"double_quant": False}}, "r"), shape, 1024)
+    assert single["parts"]["quantization_constants"] > 3 * parts["quantization_constants"]
+
+
+def run_check(recipe_path, *args):
+    return subprocess.run([sys.executable, "-m", "qlora.cli", "check", str(recipe_path), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_recipe(tmp_path, tiny_model, data_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tiny_model('gemma')}}}\n"
+                      f"data: {{path: {data_path}, max_length: 512}}\n"
+                      f"train: {{output_dir: {tmp_path / 'run'}}}\n")
+    return recipe
+
+
+@needs_code_alpaca
+def test_code_alpaca_exits_2_naming_its_empty_rows_and_passes_with_skip_invalid(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path, tiny_model, CODE_ALPACA)
+    result = run_check(recipe)
+    assert result.returncode == 2
+    assert "2 empty output (rows 237, 1859)" in result.stdout and "data.skip_invalid" in result.stdout
+    assert "[-" in result.stdout and "+]" in result.stdout  # masked / trained markers when not a terminal
+    assert run_check(recipe, "--set", "data.skip_invalid=true").returncode == 0
+
+
+@needs_code_alpaca
+def test_the_same_file_as_jsonl_parquet_and_csv_gives_the_same_report(tmp_path, tiny_model):
+    import datasets
+
+    rows = json.loads(CODE_ALPACA.read_text())
+    table = datasets.Dataset.from_list(rows)
+    table.to_json(tmp_path / "d.jsonl", force_ascii=False)
+    table.to_parquet(tmp_path / "d.parquet")
+    table.to_csv(tmp_path / "d.csv", index=False)
+    reports = []
+    for name in ("d.jsonl", "d.parquet", "d.csv"):
+        result = run_check(write_recipe(tmp_path, tiny_model, tmp_path / name), "--json")
+        assert result.returncode == 2, result.stderr
+        report = json.loads(result.stdout)
+        report["data"].pop("source")
+        report["errors"] = [e.split(": ", 1)[1] for e in report["errors"]]
+        reports.append(report)
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["data"]["invalid"] == {"empty output": [237, 1859]}
