@@ -31,6 +31,7 @@ $(VENV)/.installed: pyproject.toml
 # The offline demo: a tiny random Gemma-architecture model, trained on our sample data, then sampled and merged.
 demo: install
 	$(VENV)/bin/qlora tiny gemma models/tiny-gemma --overwrite
+	$(VENV)/bin/qlora check configs/tiny-code.yaml
 	$(VENV)/bin/qlora train configs/tiny-code.yaml --overwrite
 	$(VENV)/bin/qlora generate runs/tiny-code --prompt "Write a function that returns the factorial of n."
 	$(VENV)/bin/qlora merge runs/tiny-code --output runs/tiny-code/merged --overwrite --verify

@@ -78,12 +78,13 @@ def test_each_architecture_trains_and_generates(make_recipe, arch):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
-def test_an_existing_run_is_refused_without_overwrite(make_recipe):
+def test_an_existing_run_is_resumed_or_with_overwrite_started_over(make_recipe, capsys):
     recipe = make_recipe(train={"max_steps": 1, "save_steps": 1})
     run = train(recipe)
-    with pytest.raises(UserError, match="--overwrite"):
-        train(recipe)
+    assert train(recipe) == run  # resumed at its last step: nothing left to train
+    assert f"resuming from {run / 'checkpoints/checkpoint-1'}" in capsys.readouterr().err
     assert train(recipe, overwrite=True) == run
+    assert "resuming" not in capsys.readouterr().err
 
 
 def test_a_non_empty_directory_that_is_not_a_run_is_never_touched(make_recipe, tmp_path):

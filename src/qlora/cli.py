@@ -45,9 +45,15 @@ def _run(action):
 def train(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     set_: SetOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Start over in an output_dir that already holds a run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over: delete the run in output_dir (checkpoints "
+                                                 "included) instead of resuming it.")] = False,
 ) -> None:
-    """Train LoRA adapters on a 4-bit base model as the recipe says; writes the run directory."""
+    """Train LoRA adapters on a 4-bit base model as the recipe says; writes the run directory.
+
+    Run it again on the same output_dir to resume from the latest complete checkpoint.
+
+    Ctrl-C or SIGTERM: finish the step, write a checkpoint, exit 130 / 143 (a second signal exits at once).
+    """
 
     def body():
         from qlora.config import load_recipe

@@ -386,9 +386,14 @@ def find_invalid(rows: list[Any], data: DataSection, report: DataReport) -> list
 
 def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSection, source: str):
     """Check and tokenize rows: (input_ids list, labels list, DataReport), applying data.too_long."""
+    from rich.console import Console
+    from rich.progress import track
+
     report = DataReport(source=source, rows_total=len(rows))
     input_ids, labels = [], []
-    for index in find_invalid(rows, data, report):
+    valid = find_invalid(rows, data, report)
+    for index in track(valid, description=f"tokenizing {len(valid)} rows", console=Console(stderr=True),
+                       transient=True, disable=len(valid) < 1000):
         ids, lab = encode_segments(tokenizer, row_segments(rows[index], data, template, tokenizer))
         if len(ids) > data.max_length:
             if data.too_long == "error":

@@ -5,22 +5,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 
-from qlora.config import Recipe, dump_recipe
+from qlora.config import Recipe, dump_recipe, load_recipe
 from qlora.data import TEMPLATES, build_datasets, load_rows
-from qlora.errors import UserError
+from qlora.errors import RunFailed, RunInterrupted, UserError
 from qlora.model import add_lora, load_quantized_base, load_tokenizer
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resumed run may change
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -30,18 +34,131 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(run: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory; with overwrite, clear it only if it is a qlora run."""
+def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
+    """`key (old -> new)` for every recipe key whose value differs, the run length aside."""
+    before, after = ({f"{section}.{key}": value for section, values in r.model_dump(mode="json").items()
+                      for key, value in values.items()} for r in (old, new))
+    return [f"{key} ({json.dumps(before.get(key))} -> {json.dumps(after.get(key))})"
+            for key in dict.fromkeys([*before, *after])
+            if key not in RUN_LENGTH and before.get(key) != after.get(key)]
+
+
+def remove_leftovers(run: Path) -> None:
+    """Delete what interrupted writes left behind: `.NAME.tmp` siblings and incomplete checkpoints."""
+    from qlora.checkpoint import complete_checkpoints
+
+    complete = set(complete_checkpoints(run / CHECKPOINT_DIR))
+    for path in [*run.glob(".*.tmp"), *(p for p in (run / CHECKPOINT_DIR).glob("*") if p not in complete)]:
+        console.print(f"removing {path}, left by an interrupted write")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl lines up to `step`, so a resumed run continues the file without repeats."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    write_atomic(path, "".join(kept))
+
+
+def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> Path | None:
+    """Make `run` ready to train into; return the checkpoint to resume from (None: start at step 0).
+
+    A missing or empty directory starts a run; so does a qlora run with `overwrite`, after clearing it.
+    A qlora run whose recipe differs only in the run length is resumed from its newest complete
+    checkpoint, after removing leftovers and the metrics logged past it. Anything else is refused untouched.
+    """
+    from qlora.checkpoint import checkpoint_step, complete_checkpoints
+
     if run.exists() and not run.is_dir():
         raise UserError(f"train.output_dir: {run} is a file, not a directory")
     if run.exists() and any(run.iterdir()):
         if not (run / RECIPE_FILE).is_file():
             raise UserError(f"train.output_dir: {run} is not empty and is not a qlora run; choose another directory")
         if not overwrite:
-            raise UserError(f"train.output_dir: {run} already holds a run; pass --overwrite to start over "
-                            "or set another train.output_dir")
+            changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
+            if changes:
+                raise UserError(f"train.output_dir: {run} holds a run with another recipe: {', '.join(changes)}. "
+                                f"Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite "
+                                "to start over or set another train.output_dir")
+            checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
+            resume = checkpoints[-1] if checkpoints else None
+            step = checkpoint_step(resume) if resume else 0
+            if recipe.train.max_steps and recipe.train.max_steps < step:
+                raise UserError(f"train.max_steps={recipe.train.max_steps}: {run} is already at step {step}; "
+                                "train longer, or pass --overwrite to start over")
+            remove_leftovers(run)
+            drop_metrics_after(run / METRICS_FILE, step)
+            console.print(f"resuming from {resume} (step {step})" if resume
+                          else f"{run} holds no complete checkpoint yet: training from step 0")
+            return resume
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+@contextmanager
+def write_failures(run: Path):
+    """Turn a failed write under `run` (disk full, unwritable) into one RunFailed line."""
+    from safetensors import SafetensorError  # how safetensors reports an I/O error
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        from qlora.checkpoint import complete_checkpoints
+
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        kept = complete_checkpoints(run / CHECKPOINT_DIR)
+        intact = f"; {kept[-1]} and the checkpoints before it are intact" if kept else ""
+        raise RunFailed(f"cannot write to {run}: {reason}{where}{intact}") from None
+
+
+class SignalStop:
+    """SIGINT / SIGTERM during `qlora train`: the first one in the training loop stops it after the
+    current step with a checkpoint (see checkpoint.StopAtSignal).
+
+    A second signal, or one before the loop starts or after it ends, exits at once: every write is
+    atomic, so that never leaves a half-written checkpoint looking complete.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.in_loop = False
+
+    @contextmanager
+    def installed(self):
+        """Handle SIGINT and SIGTERM here, then restore the previous handlers.
+
+        Installed explicitly: a job that a non-interactive shell starts in the background inherits
+        SIGINT as ignored, so KeyboardInterrupt cannot be relied on.
+        """
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may
+            yield
+            return
+        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is not None or not self.in_loop:
+            console.print(f"{name}: exiting now")
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        console.print(f"{name}: finishing this step and writing a checkpoint (send it again to exit at once)")
 
 
 def resolved_recipe(recipe: Recipe) -> Recipe:
@@ -121,11 +238,20 @@ def sft_config(recipe: Recipe, run: Path):
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = None) -> Path:
-    """Train the recipe's adapter and return the run directory.
+    """Train the recipe's adapter and return the run directory; a run already there is resumed.
 
-    `callbacks` are extra transformers TrainerCallbacks (for scripts and tests).
+    `callbacks` are extra transformers TrainerCallbacks (for scripts and tests). Raises RunFailed on a
+    non-finite loss or a failed write, RunInterrupted after SIGINT / SIGTERM (once a checkpoint is written).
     """
-    from trl import SFTTrainer
+    stop = SignalStop()  # before _train's imports, which take seconds in which a signal would be lost
+    with stop.installed():
+        return _train(recipe, overwrite, callbacks or [], stop)
+
+
+def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -> Path:
+    from transformers import set_seed
+
+    from qlora.checkpoint import QLoRATrainer, StopAtSignal, complete_checkpoints
 
     recipe = resolved_recipe(recipe)
     run = Path(recipe.train.output_dir)
@@ -135,30 +261,38 @@ def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = N
     dataset, eval_dataset, report = build_datasets(recipe, rows, tokenizer, template)
     console.print(f"data: {report.summary()}")
 
-    prepare_run_dir(run, overwrite)
-    write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
+    with write_failures(run):
+        resume = prepare_run_dir(run, recipe, overwrite)
+        write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
     console.print(f"loading {recipe.model.name_or_path} "
                   f"({'4-bit ' + recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'full precision'})")
+    set_seed(recipe.train.seed)  # the adapter's initial weights too, so a run can be repeated exactly
     model = add_lora(load_quantized_base(recipe), recipe)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
-    trainer = SFTTrainer(
+    trainer = QLoRATrainer(
         model=model,
         args=sft_config(recipe, run),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[make_metrics_callback(run / METRICS_FILE), *(callbacks or [])],
+        callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
     )
-    trainer.train()
+    with write_failures(run):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.signum is not None:
+        raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {trainer.state.global_step}: "
+                             f"{complete_checkpoints(run / CHECKPOINT_DIR)[-1]} is complete; "
+                             "run the same command to resume", stop.signum)
 
-    tmp = run / f".{ADAPTER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    template.save(tmp)
-    shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
-    tmp.rename(run / ADAPTER_DIR)
+    with write_failures(run):
+        tmp = run / f".{ADAPTER_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        template.save(tmp)
+        shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
+        tmp.rename(run / ADAPTER_DIR)
     console.print(f"[green]done:[/] adapter saved to {run / ADAPTER_DIR}")
     return run
