@@ -18,8 +18,11 @@ from qlora.errors import UserError
 GB = 1024**3
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
-OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
+# optimizer state bytes per trainable parameter; auto is paged_adamw_8bit on the GPU this estimates
+OPTIMIZER_BYTES = {"auto": 2, "adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# TRL's fused LM head scores tokens in tiles of 4,096 tokens x 32,768 vocabulary entries (fp32)
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
 
 
 @dataclass
@@ -81,14 +84,15 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str
     per_layer_full = tokens * (14 * shape.hidden + 5 * shape.intermediate) * compute
     with_ckpt = shape.layers * tokens * shape.hidden * compute + per_layer_full
     without_ckpt = shape.layers * per_layer_full
-    logits = tokens * shape.vocab * (compute + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
+    # the fused head keeps one fp32 tile of logits and its gradient alive, never the full tokens x vocab
+    head = min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab, HEAD_TILE_VOCAB) * 4 * 2
     parts = {
         "nf4_weights" if q.load_in_4bit else "base_weights": weights,
         "quantization_constants": constants,
         "unquantized_weights": other,
         "lora_weights_grads_optimizer": adapters,
         "activations": with_ckpt if t.gradient_checkpointing else without_ckpt,
-        "logits": logits,
+        "lm_head_tiles": head,
     }
     return {
         "parts": parts,
@@ -96,6 +100,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str
         "activations_with_checkpointing": with_ckpt,
         "activations_without_checkpointing": without_ckpt,
         "tokens_per_micro_batch": tokens,
+        # an unfused head: the logits, their fp32 upcast for the loss, and its gradient
+        "unfused_logits": tokens * shape.vocab * (compute + 4 + 4),
     }
 
 
@@ -225,6 +231,7 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         console.print(f"  {name:<30} {value / GB:8.3f} GiB")
     console.print(f"  activations: {m['activations_with_checkpointing'] / GB:.3f} GiB with gradient checkpointing, "
                   f"{m['activations_without_checkpointing'] / GB:.3f} GiB without")
+    console.print(f"  full logits, which the fused LM head never builds: {m['unfused_logits'] / GB:.3f} GiB")
     for number, example in enumerate(report.examples, start=1):
         console.print(f"[bold]example {number}[/] ([dim]masked[/] / [green]trained[/]):")
         if console.is_terminal:

@@ -165,12 +165,25 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming the LR up from 0.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (0.3 as in the QLoRA paper).")
-    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adafactor"] = Field(
-        "adamw_torch",
-        description="Optimizer; paged_adamw_8bit (CUDA) keeps optimizer state small and survives memory spikes.",
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adafactor"] = (
+        Field("auto", description="Optimizer; auto = paged_adamw_8bit on CUDA (a quarter of AdamW's state memory, "
+                                  "paged to CPU on spikes instead of OOM), adamw_torch on CPU.")
     )
     gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in backward: ~30% slower, far less activation memory."
+        True, description="Recompute activations in backward (non-reentrant): ~30% slower, far less activation memory."
+    )
+    padding_free: bool = Field(
+        True,
+        description="Concatenate each micro-batch into one row with position_ids: no pad tokens are computed and "
+        "no example attends to another (block-diagonal mask). Same loss as padded batches; off = pad each batch.",
+    )
+    group_by_length: bool = Field(
+        False, description="Batch rows of similar length: less padding when padding_free is off; changes data order."
+    )
+    liger: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Liger kernels (RMSNorm, RoPE, SwiGLU): auto = on CUDA when the `liger` extra is installed. "
+        "The LM head is always fused and tiled (TRL), so full logits are never materialised.",
     )
     seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
     logging_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")

@@ -201,6 +201,27 @@ def make_metrics_callback(path: Path):
     return MetricsCallback()
 
 
+def resolve_optimizer(name: str) -> str:
+    """train.optimizer, with auto made concrete for this machine."""
+    import torch
+
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def use_liger(setting: str) -> bool:
+    """Whether to patch the model with Liger kernels (train.liger)."""
+    import importlib.util
+
+    import torch
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "on" and not installed:
+        raise UserError("train.liger: on, but liger-kernel is not installed: pip install 'qlora[liger]'")
+    return setting == "on" or (setting == "auto" and installed and torch.cuda.is_available())
+
+
 def sft_config(recipe: Recipe, run: Path):
     """SFTConfig from the recipe's train section (warmup_ratio becomes warmup_steps, a ratio when < 1)."""
     from trl import SFTConfig
@@ -217,7 +238,7 @@ def sft_config(recipe: Recipe, run: Path):
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim=resolve_optimizer(t.optimizer),
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed,
@@ -232,7 +253,10 @@ def sft_config(recipe: Recipe, run: Path):
         fp16=compute == "float16",
         include_num_input_tokens_seen="non_padding",
         dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenized and masked by data.py
-        max_length=recipe.data.max_length,
+        max_length=None,  # data.py already applied data.max_length and data.too_long
+        padding_free=t.padding_free,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        use_liger_kernel=use_liger(t.liger),
         dataloader_pin_memory=False,
     )
 
