@@ -31,7 +31,8 @@ class LoadedModel:
 def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora.model import device_map, load_quantized_base, load_tokenizer
 
@@ -41,8 +42,6 @@ def load_run(path: str | Path) -> LoadedModel:
         adapter = path / ADAPTER_DIR
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"{path}: the run has no finished adapter/ (was training interrupted?)")
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(load_quantized_base(recipe), adapter)
         tokenizer = load_tokenizer(recipe.model, str(adapter))
         template = Template.load(adapter)
@@ -51,8 +50,6 @@ def load_run(path: str | Path) -> LoadedModel:
         # CPU kernels are fastest and exact in float32; on CUDA keep the saved dtype
         dtype = "auto" if torch.cuda.is_available() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map())
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(path)
         template = Template.load(path)
     else:
