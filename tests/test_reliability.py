@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,9 @@ ROWS = [dict(ROW, instruction=f"{ROW['instruction']} ({i})") for i in range(5)] 
 
 
 def names(directory):
-    return sorted(p.name for p in directory.iterdir())
+    """Entry names in natural order: checkpoint-5 before checkpoint-10."""
+    return sorted((p.name for p in directory.iterdir()),
+                  key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
 
 
 def metrics(run):
