@@ -240,8 +240,13 @@ def test_real_code_alpaca_file_names_its_empty_outputs(tokenizers):
 
 def test_sample_data_is_at_least_200_correct_python_tasks():
     rows = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    checks = json.loads((Path(__file__).parent / "sample_data_checks.json").read_text(encoding="utf-8"))
     assert len(rows) >= 200
     assert len({r["instruction"] for r in rows}) == len(rows)
-    for row in rows:
+    for index, row in enumerate(rows):
         assert set(row) == {"instruction", "input", "output"}
         ast.parse(row["output"])
+        # each solution runs and passes the asserts written for its task (INPUT: the row's input field)
+        namespace = {"__name__": "sample", "INPUT": row["input"]}
+        exec(compile(row["output"], f"<row {index} output>", "exec"), namespace)  # noqa: S102 - our own data
+        exec(compile(checks[row["instruction"]], f"<row {index} check>", "exec"), namespace)  # noqa: S102
