@@ -11,6 +11,8 @@ from qlora.errors import UserError
 # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernels-hub package is absent;
 # it falls back to its own kernel, so the warning is noise on every run
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft still calls transformers' gradient_checkpointing_* names, renamed in transformers 5: noise on every run
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing.*` is deprecated", category=FutureWarning)
 
 if TYPE_CHECKING:
     from qlora.config import LoraSection, ModelSection, QuantizationSection, Recipe
@@ -128,13 +130,11 @@ def add_lora(model, recipe: Recipe):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.quantization.load_in_4bit:
-        with warnings.catch_warnings():  # peft still calls transformers' deprecated gradient_checkpointing_* names
-            warnings.simplefilter("ignore", FutureWarning)
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
