@@ -250,3 +250,9 @@ def test_sample_data_is_at_least_200_correct_python_tasks():
         namespace = {"__name__": "sample", "INPUT": row["input"]}
         exec(compile(row["output"], f"<row {index} output>", "exec"), namespace)  # noqa: S102 - our own data
         exec(compile(checks[row["instruction"]], f"<row {index} check>", "exec"), namespace)  # noqa: S102
+
+
+def test_a_format_that_matches_no_row_says_which_columns_the_file_has(tmp_path, tokenizers):
+    with pytest.raises(UserError, match="Does data.format \\(messages\\) match the file\\? Its first row has the "
+                                        "columns instruction, input, output"):
+        tokenize(tmp_path, tokenizers["gemma"], [ROW, ROW_WITH_INPUT], format="messages")

@@ -26,15 +26,20 @@ SetOption = Annotated[
 ]
 
 
+def one_line(exc: Exception) -> str:
+    """An error as one line (library messages we quote can span several)."""
+    return " ".join(str(exc).split())
+
+
 def _run(action):
     """Run a command body: user errors exit 2, failed runs 1, signalled runs 128 + N; one line, no traceback."""
     try:
         return action()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     except RunFailed as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         raise typer.Exit(1) from None
     except RunInterrupted as exc:
         typer.echo(f"stopped: {exc}", err=True)

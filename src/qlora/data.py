@@ -375,6 +375,9 @@ def find_invalid(rows: list[Any], data: DataSection, report: DataReport) -> list
         raise UserError(f"{report.source}: no rows to train on")
     if report.invalid:
         fraction = report.invalid_count / len(rows)
+        if report.invalid_count == len(rows) and isinstance(rows[0], dict):
+            raise UserError(f"{report.source}: {report.invalid_summary()}. Does data.format ({data.format}) match "
+                            f"the file? Its first row has the columns {', '.join(rows[0])}; map them with data.fields")
         if not data.skip_invalid:
             raise UserError(f"{report.source}: {report.invalid_summary()}. Fix or remove them, or set "
                             "data.skip_invalid: true to drop them")
