@@ -93,6 +93,9 @@ def save_random_model(shape: str, workdir: Path) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size="5GB")
     tmp.rename(target)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()  # the bf16 copy must not count in the variants' memory
     return target
 
 
