@@ -69,7 +69,10 @@ def build_examples(path: Path, max_length: int, vocab: int) -> list[tuple[list[i
     path = path if path.is_file() else SAMPLE_DATA
     data = DataSection(path=str(path), max_length=max_length, skip_invalid=True, max_invalid_fraction=1.0)
     ids, labels, _ = tokenize_rows(load_rows(data), build_tokenizer("gemma"), TEMPLATES["alpaca"], data, str(path))
-    fold = lambda seq: [t % vocab if t >= 0 else t for t in seq]  # noqa: E731
+
+    def fold(seq):
+        return [t % vocab if t >= 0 else t for t in seq]  # -100 labels stay
+
     return [(fold(i), fold(l)) for i, l in zip(ids, labels)]
 
 

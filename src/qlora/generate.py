@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from qlora.config import GenerationSection, Recipe, load_recipe
+from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt
 from qlora.errors import UserError
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console, write_atomic
@@ -30,11 +30,10 @@ class LoadedModel:
 
 def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from qlora.model import device_map, load_quantized_base, load_tokenizer
+    from qlora.model import device_map, inference_dtype, load_quantized_base, load_tokenizer
 
     path = Path(path)
     if (path / RECIPE_FILE).is_file():
@@ -47,18 +46,14 @@ def load_run(path: str | Path) -> LoadedModel:
         template = Template.load(adapter)
     elif (path / "config.json").is_file() and (path / TEMPLATE_FILE).is_file():
         recipe = None
-        # CPU kernels are fastest and exact in float32; on CUDA keep the saved dtype
-        dtype = "auto" if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map())
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=device_map())
+        tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
         template = Template.load(path)
     else:
         raise UserError(f"{path}: not a qlora run directory (no {RECIPE_FILE}) nor a merged model (no config.json "
                         f"and {TEMPLATE_FILE})")
     model.eval()
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, template, recipe)
 
 

@@ -82,19 +82,15 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
 def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):
     """The base with the run's adapter folded in, as a plain (unquantized) transformers model."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from qlora.model import device_map, load_quantized_base, torch_dtype
+    from qlora.model import load_full_precision_base, load_quantized_base, torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
     if base == "dequantized" and recipe.quantization.load_in_4bit:
         # dequantize in the compute dtype: the very weights the 4-bit kernels used during training
         model = load_quantized_base(recipe).dequantize(dtype=torch_dtype(recipe.quantization.compute_dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            recipe.model.name_or_path, revision=recipe.model.revision, dtype=torch_dtype(dtype),
-            trust_remote_code=recipe.model.trust_remote_code, device_map=device_map(),
-        )
+        model = load_full_precision_base(recipe, torch_dtype(dtype))
     console.print("folding in the adapter")
     merged = PeftModel.from_pretrained(model, run / ADAPTER_DIR).merge_and_unload()
     merged = merged.to(torch_dtype(dtype))
@@ -225,10 +221,9 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from qlora.generate import load_run
-    from qlora.model import device_map
+    from qlora.model import inference_dtype, load_full_precision_base
 
     reference = load_run(run)
     sequences, start = [], []
@@ -249,10 +244,7 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
 
     counterpart = trained
     if base == "original":
-        original = AutoModelForCausalLM.from_pretrained(
-            recipe.model.name_or_path, revision=recipe.model.revision,
-            dtype=torch.float32 if not torch.cuda.is_available() else "auto",
-            trust_remote_code=recipe.model.trust_remote_code, device_map=device_map())
+        original = load_full_precision_base(recipe, inference_dtype())
         unmerged = PeftModel.from_pretrained(original, Path(run) / ADAPTER_DIR)
         counterpart = _logits(unmerged, sequences, start)
         _free(unmerged)

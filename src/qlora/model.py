@@ -120,6 +120,28 @@ def load_quantized_base(recipe: Recipe):
     return model
 
 
+def inference_dtype():
+    """dtype to load a full-precision model for inference: as saved on CUDA; float32 on CPU (fast and exact)."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else torch.float32
+
+
+def load_full_precision_base(recipe: Recipe, dtype):
+    """The recipe's base model, unquantized, in `dtype` (a torch dtype or "auto")."""
+    from transformers import AutoModelForCausalLM
+
+    warn_remote_code(recipe.model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, dtype=dtype,
+            trust_remote_code=recipe.model.trust_remote_code, device_map=device_map(),
+        )
+    except OSError as exc:
+        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r} "
+                        f"(revision {recipe.model.revision}): {exc}") from None
+
+
 def add_lora(model, recipe: Recipe):
     """Prepare the (quantized) base for training and wrap it with trainable LoRA adapters.
 
