@@ -197,6 +197,7 @@ def main() -> None:
 
     from qlora.check import estimate_memory, model_shape
     from qlora.config import validate_recipe
+    from qlora.model import resolve_recipe
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
@@ -261,10 +262,10 @@ def main() -> None:
             "mfu": flops / seconds / peak if peak else None,
             "final_loss": v["losses"][-1],
         }
-    recipe = validate_recipe({
+    recipe = resolve_recipe(validate_recipe({
         "model": {"name_or_path": str(model_dir)}, "data": {"path": "bench.json", "max_length": args.max_length},
         "train": {"output_dir": "bench", "batch_size": args.batch_size, "grad_accum": 1},
-    }, "bench")
+    }, "bench"))
     longest = max(len(i) for b in batches for i, _ in b)
     estimate = estimate_memory(recipe, model_shape(recipe), longest)
     if "qlora" in results:

@@ -43,7 +43,6 @@ def recipe_for(directory, model_dir, rows=(ROW,), **sections):
     data_file.write_text(json.dumps(list(rows)))
     raw = {
         "model": {"name_or_path": str(model_dir)},
-        "quantization": {"compute_dtype": "float32"},
         "lora": {"dropout": 0.0},
         "data": {"path": str(data_file), "max_length": 512},
         "train": {"output_dir": str(directory / "run"), "max_steps": 4, "batch_size": 2, "grad_accum": 1,

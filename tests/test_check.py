@@ -51,7 +51,8 @@ def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
 
     GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
                 num_attention_heads=8, num_key_value_heads=1, head_dim=256).save_pretrained(tmp_path)
-    raw = {"model": {"name_or_path": str(tmp_path)}, "data": {"path": "x.json"},
+    raw = {"model": {"name_or_path": str(tmp_path)}, "quantization": {"compute_dtype": "bfloat16"},
+           "data": {"path": "x.json"},
            "train": {"output_dir": "x", "batch_size": 4, "optimizer": "paged_adamw_8bit"}}
     recipe = validate_recipe(raw, "r")
     shape = model_shape(recipe)
@@ -64,7 +65,7 @@ def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
     assert parts["lora_weights_grads_optimizer"] == shape.lora * 10
     assert m["activations_with_checkpointing"] < m["activations_without_checkpointing"]
     assert 4 * GB < m["total"] < 6 * GB
-    single = estimate_memory(validate_recipe({**raw, "quantization": {"double_quant": False}}, "r"), shape, 1024)
+    single = estimate_memory(validate_recipe({**raw, "quantization": {"compute_dtype": "bfloat16", "double_quant": False}}, "r"), shape, 1024)
     assert single["parts"]["quantization_constants"] > 3 * parts["quantization_constants"]
 
 

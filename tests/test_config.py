@@ -28,7 +28,7 @@ def test_every_shipped_recipe_validates_and_opens_with_its_command(path):
 def test_defaults_are_the_qlora_paper_settings():
     recipe = validate_recipe(MINIMAL, "r.yaml")
     q = recipe.quantization
-    assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (True, "nf4", True, "bfloat16")
+    assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (True, "nf4", True, "auto")
     assert recipe.lora.target_modules == "all-linear"
     assert recipe.model.trust_remote_code is False
 

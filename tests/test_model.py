@@ -20,7 +20,7 @@ def test_base_linears_are_nf4_double_quantized(make_recipe):
 
 
 def test_lora_adapters_are_the_only_trainable_weights_and_stay_float32(make_recipe):
-    recipe = make_recipe(quantization={"compute_dtype": "bfloat16"})
+    recipe = make_recipe()
     model = add_lora(load_quantized_base(recipe), recipe)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)

@@ -12,6 +12,7 @@ from qlora.config import load_recipe
 from qlora.data import encode_prompt
 from qlora.errors import UserError
 from qlora.generate import load_run
+from qlora.model import resolve_recipe
 from qlora.train import train
 
 
@@ -30,7 +31,10 @@ def test_training_writes_the_run_directory_and_changes_only_the_adapter(make_rec
     watcher = WeightWatcher()
     run = train(recipe, callbacks=[watcher])
 
-    assert load_recipe(run / "recipe.yaml") == recipe
+    saved = load_recipe(run / "recipe.yaml")
+    assert saved == resolve_recipe(recipe)  # auto settings as this machine resolved them
+    assert saved.quantization.compute_dtype in ("bfloat16", "float32") and saved.train.optimizer == "adamw_torch"
+    assert [start["step"] for start in json.loads((run / "environment.json").read_text())] == [0]
     adapter = run / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "template.json"):
         assert (adapter / name).is_file(), name

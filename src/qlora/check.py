@@ -18,8 +18,8 @@ from qlora.errors import UserError
 GB = 1024**3
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
-# optimizer state bytes per trainable parameter; auto is paged_adamw_8bit on the GPU this estimates
-OPTIMIZER_BYTES = {"auto": 2, "adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
+# optimizer state bytes per trainable parameter
+OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # TRL's fused LM head scores tokens in tiles of 4,096 tokens x 32,768 vocabulary entries (fp32)
 HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
@@ -130,6 +130,7 @@ def packing_efficiency(lengths: list[int], capacity: int) -> float:
 class CheckReport:
     data: DataReport
     errors: list[str] = field(default_factory=list)
+    resolved: dict[str, str] = field(default_factory=dict)  # what auto settings become on this machine
     length_stats: dict[str, float] = field(default_factory=dict)
     histogram: list[tuple[int, int, int]] = field(default_factory=list)  # (from, to, count)
     padding_efficiency: float = 0.0
@@ -166,9 +167,13 @@ def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]
 
 
 def check(recipe: Recipe) -> CheckReport:
-    """Everything `qlora check` reports; `errors` lists what would stop `qlora train` (exit 2)."""
-    from qlora.model import load_tokenizer
+    """Everything `qlora check` reports; `errors` lists what would stop `qlora train` (exit 2).
 
+    The recipe is resolved for this machine first, exactly as `train` resolves it.
+    """
+    from qlora.model import device_description, load_tokenizer, resolve_recipe
+
+    recipe = resolve_recipe(recipe)
     data = recipe.data
     rows = load_rows(data)
     tokenizer = load_tokenizer(recipe.model)
@@ -192,6 +197,8 @@ def check(recipe: Recipe) -> CheckReport:
     return CheckReport(
         data=report,
         errors=errors,
+        resolved={"device": device_description(), "compute_dtype": recipe.quantization.compute_dtype,
+                  "optimizer": recipe.train.optimizer, "attn_implementation": recipe.model.attn_implementation},
         length_stats={"min": ordered[0], "median": statistics.median(ordered),
                       "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]},
         histogram=histogram(lengths),
@@ -207,7 +214,9 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     """The human-readable report: colour in a terminal, [-masked-] / [+trained+] markers otherwise."""
     from rich.markup import escape
 
-    d, stats = report.data, report.length_stats
+    d, stats, r = report.data, report.length_stats, report.resolved
+    console.print(f"[bold]device[/] {r['device']}: compute {r['compute_dtype']}, optimizer {r['optimizer']}, "
+                  f"attention {r['attn_implementation']}")
     console.print(f"[bold]data[/] {d.source}: {d.rows_total} rows, {d.rows_total - d.invalid_count} valid"
                   + (f", {escape(d.invalid_summary())}" if d.invalid else ""))
     console.print(f"tokens per example: min {stats['min']}, median {stats['median']:g}, p95 {stats['p95']}, "

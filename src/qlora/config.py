@@ -41,9 +41,11 @@ class QuantizationSection(_Section):
     double_quant: bool = Field(
         True, description="Quantize the quantization constants too: saves ~0.37 bits/param (~0.4 GB on 7B)."
     )
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16",
-        description="dtype of the matmuls on dequantized weights; also selects bf16/fp16 mixed precision training.",
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the matmuls on dequantized weights and of mixed precision training. auto: bfloat16 "
+        "where the device runs it natively (CUDA capability 8.0+, CPUs with AVX512-BF16/AMX), float16 with a loss "
+        "scaler on older CUDA GPUs (T4, V100), else float32. The run records what auto chose.",
     )
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="dtype the packed 4-bit weights are stored in; uint8 unless sharding with FSDP."
@@ -167,7 +169,8 @@ class TrainSection(_Section):
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (0.3 as in the QLoRA paper).")
     optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adafactor"] = (
         Field("auto", description="Optimizer; auto = paged_adamw_8bit on CUDA (a quarter of AdamW's state memory, "
-                                  "paged to CPU on spikes instead of OOM), adamw_torch on CPU.")
+                                  "paged to CPU on spikes instead of OOM), adamw_torch on CPU. The run records what "
+                                  "auto chose.")
     )
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward (non-reentrant): ~30% slower, far less activation memory."

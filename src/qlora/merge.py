@@ -83,12 +83,12 @@ def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):
     """The base with the run's adapter folded in, as a plain (unquantized) transformers model."""
     from peft import PeftModel
 
-    from qlora.model import load_full_precision_base, load_quantized_base, torch_dtype
+    from qlora.model import compute_torch_dtype, load_full_precision_base, load_quantized_base, torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
     if base == "dequantized" and recipe.quantization.load_in_4bit:
         # dequantize in the compute dtype: the very weights the 4-bit kernels used during training
-        model = load_quantized_base(recipe).dequantize(dtype=torch_dtype(recipe.quantization.compute_dtype))
+        model = load_quantized_base(recipe).dequantize(dtype=compute_torch_dtype(recipe.quantization))
     else:
         model = load_full_precision_base(recipe, torch_dtype(dtype))
     console.print("folding in the adapter")
@@ -106,7 +106,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     """Write the merged model, tokenizer (with chat template), generation config and model card to `output`."""
     from transformers import GenerationConfig
 
-    from qlora.model import load_tokenizer
+    from qlora.model import load_tokenizer, resolve_compute_dtype
 
     run, output = Path(run), Path(output)
     if not (run / RECIPE_FILE).is_file() or not (run / ADAPTER_DIR / "adapter_config.json").is_file():
@@ -114,7 +114,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     tmp = _prepare_output(output, overwrite)
     try:
         recipe = load_recipe(run / RECIPE_FILE)
-        dtype = dtype or recipe.quantization.compute_dtype
+        dtype = dtype or resolve_compute_dtype(recipe.quantization.compute_dtype)
         model = load_merged_model(run, recipe, base, dtype)
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
         template = Template.load(run / ADAPTER_DIR)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import re
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora.errors import UserError
@@ -18,10 +22,122 @@ if TYPE_CHECKING:
     from qlora.config import LoraSection, ModelSection, QuantizationSection, Recipe
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 matmuls beat float32 ones."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:  # not Linux: assume emulated bf16, which is slower than float32
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_compute_dtype(name: str) -> str:
+    """quantization.compute_dtype made concrete for this machine; a dtype the device cannot train in is refused."""
+    import torch
+
+    if torch.cuda.is_available():
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if name == "auto":
+            return "bfloat16" if native_bf16 else "float16"
+        if name == "bfloat16" and not native_bf16:
+            major, minor = torch.cuda.get_device_capability()
+            raise UserError(f"quantization.compute_dtype: bfloat16 needs a CUDA GPU of compute capability 8.0 or newer; "
+                            f"{torch.cuda.get_device_name()} is {major}.{minor}: use auto (float16 there) or float32")
+        return name
+    if name == "float16":
+        raise UserError("quantization.compute_dtype: float16 mixed precision needs a CUDA GPU; on CPU use auto, "
+                        "bfloat16 or float32")
+    if name == "auto":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return name
+
+
+def resolve_optimizer(name: str) -> str:
+    """train.optimizer, with auto made concrete for this machine."""
+    import torch
+
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def resolve_attention(model: ModelSection) -> str:
+    """model.attn_implementation, checked against what is installed and what the model class supports.
+
+    sdpa on a class without it (Gemma-2: sdpa cannot soft-cap logits) falls back to eager, as transformers
+    itself does when no kernel is named; flash_attention_2 needs CUDA and the flash-attn package.
+    """
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if model.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.attn_implementation: flash_attention_2, but the flash-attn package is not "
+                            "installed: pip install flash-attn --no-build-isolation, or use sdpa")
+        return model.attn_implementation
+    if model.attn_implementation != "sdpa" or model.trust_remote_code:
+        return model.attn_implementation
+    try:
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, KeyError, ValueError):  # unreadable or unknown: from_pretrained reports it in its own words
+        return model.attn_implementation
+    return "sdpa" if model_class._supports_sdpa else "eager"
+
+
+def check_single_device() -> None:
+    """Refuse set-ups qlora cannot train on correctly yet: several processes or several visible GPUs."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(f"WORLD_SIZE={world}: qlora trains in one process for now; run `qlora train` without "
+                        "torchrun or accelerate launch")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        raise UserError(f"{torch.cuda.device_count()} CUDA devices are visible and qlora trains on one for now: "
+                        "choose it with CUDA_VISIBLE_DEVICES=0")
+
+
+def device_description() -> str:
+    """The device training runs on, e.g. `cuda:0 (NVIDIA A100-SXM4-40GB, capability 8.0)` or `cpu (native bf16)`."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}, capability {major}.{minor})"
+    return f"cpu ({'native' if cpu_has_native_bf16() else 'emulated'} bf16)"
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as this machine will run it: auto settings made concrete, a local model path made absolute.
+
+    `train` records the result in the run's recipe.yaml, so a resume on a machine that would choose
+    differently is refused naming the key, and generate and merge use the dtype the adapter was trained in.
+    Raises UserError where the machine cannot run the recipe (shared by `check` and `train`).
+    """
+    check_single_device()
+    model, q, t = recipe.model, recipe.quantization, recipe.train
+    model_path = Path(model.name_or_path).expanduser()
+    if model_path.is_dir():
+        model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
+    model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
+    quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
+    train = t.model_copy(update={"optimizer": resolve_optimizer(t.optimizer)})
+    return recipe.model_copy(update={"model": model, "quantization": quantization, "train": train})
+
+
 def torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def compute_torch_dtype(q: QuantizationSection):
+    """The torch dtype of the recipe's compute_dtype on this machine (auto resolved)."""
+    return torch_dtype(resolve_compute_dtype(q.compute_dtype))
 
 
 def get_quantization_config(q: QuantizationSection):
@@ -34,7 +150,7 @@ def get_quantization_config(q: QuantizationSection):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_compute_dtype=compute_torch_dtype(q),
         bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
     )
 
@@ -109,7 +225,7 @@ def load_quantized_base(recipe: Recipe):
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
             quantization_config=get_quantization_config(q),
-            dtype=torch_dtype(q.compute_dtype),
+            dtype=compute_torch_dtype(q),
             attn_implementation=recipe.model.attn_implementation,
             device_map=device_map(),
         )

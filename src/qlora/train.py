@@ -16,13 +16,16 @@ from rich.console import Console
 from qlora.config import Recipe, dump_recipe, load_recipe
 from qlora.data import TEMPLATES, build_datasets, load_rows
 from qlora.errors import RunFailed, RunInterrupted, UserError
-from qlora.model import add_lora, load_quantized_base, load_tokenizer
+from qlora.model import add_lora, device_description, load_quantized_base, load_tokenizer, resolve_recipe
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+ENVIRONMENT_FILE = "environment.json"
 RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resumed run may change
+# keys whose `auto` recipe.yaml records as this machine resolved it (see model.resolve_recipe)
+RESOLVED_KEYS = ("quantization.compute_dtype", "train.optimizer", "model.attn_implementation")
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
 
@@ -87,8 +90,11 @@ def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> Path | None:
         if not overwrite:
             changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
             if changes:
-                raise UserError(f"train.output_dir: {run} holds a run with another recipe: {', '.join(changes)}. "
-                                f"Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite "
+                resolved = [key for key in RESOLVED_KEYS if any(c.startswith(key + " ") for c in changes)]
+                hint = (f" ({', '.join(resolved)} as this machine resolves them: set the run's values in the recipe "
+                        "to continue it here)" if resolved else "")
+                raise UserError(f"train.output_dir: {run} holds a run with another recipe: {', '.join(changes)}"
+                                f"{hint}. Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite "
                                 "to start over or set another train.output_dir")
             checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
             resume = checkpoints[-1] if checkpoints else None
@@ -161,13 +167,18 @@ class SignalStop:
         console.print(f"{name}: finishing this step and writing a checkpoint (send it again to exit at once)")
 
 
-def resolved_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with a local model path made absolute, so a run works from any working directory."""
-    model_path = Path(recipe.model.name_or_path).expanduser()
-    if not model_path.is_dir():
-        return recipe
-    model = recipe.model.model_copy(update={"name_or_path": str(model_path.resolve())})
-    return recipe.model_copy(update={"model": model})
+def record_environment(path: Path, resume: Path | None) -> None:
+    """Append where and with what this (re)start of the run trains to environment.json; say if the device moved."""
+    from importlib.metadata import version
+
+    from qlora.checkpoint import checkpoint_step
+
+    starts = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else []
+    entry = {"step": checkpoint_step(resume) if resume else 0, "device": device_description(),
+             **{name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}}
+    if starts and starts[-1]["device"] != entry["device"]:
+        console.print(f"note: the run trained on {starts[-1]['device']} and continues on {entry['device']}")
+    write_atomic(path, json.dumps([*starts, entry], indent=1) + "\n")
 
 
 def make_metrics_callback(path: Path):
@@ -201,15 +212,6 @@ def make_metrics_callback(path: Path):
     return MetricsCallback()
 
 
-def resolve_optimizer(name: str) -> str:
-    """train.optimizer, with auto made concrete for this machine."""
-    import torch
-
-    if name != "auto":
-        return name
-    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
-
-
 def use_liger(setting: str) -> bool:
     """Whether to patch the model with Liger kernels (train.liger)."""
     import importlib.util
@@ -226,6 +228,8 @@ def sft_config(recipe: Recipe, run: Path):
     """SFTConfig from the recipe's train section (warmup_ratio becomes warmup_steps, a ratio when < 1)."""
     from trl import SFTConfig
 
+    import torch
+
     t, compute = recipe.train, recipe.quantization.compute_dtype
     return SFTConfig(
         output_dir=str(run / CHECKPOINT_DIR),
@@ -238,7 +242,7 @@ def sft_config(recipe: Recipe, run: Path):
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(t.optimizer),
+        optim=t.optimizer,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed,
@@ -251,6 +255,7 @@ def sft_config(recipe: Recipe, run: Path):
         report_to=list(t.report_to) or "none",
         bf16=compute == "bfloat16",
         fp16=compute == "float16",
+        use_cpu=not torch.cuda.is_available(),  # the trainer's CPU mode: bf16 autocast on CPU
         include_num_input_tokens_seen="non_padding",
         dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenized and masked by data.py
         max_length=None,  # data.py already applied data.max_length and data.too_long
@@ -277,7 +282,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
 
     from qlora.checkpoint import QLoRATrainer, StopAtSignal, complete_checkpoints
 
-    recipe = resolved_recipe(recipe)
+    recipe = resolve_recipe(recipe)
     run = Path(recipe.train.output_dir)
     template = TEMPLATES[recipe.data.template]
     rows = load_rows(recipe.data)  # a missing data file is reported before any download
@@ -288,6 +293,10 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     with write_failures(run):
         resume = prepare_run_dir(run, recipe, overwrite)
         write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
+        record_environment(run / ENVIRONMENT_FILE, resume)
+    q = recipe.quantization
+    console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {recipe.train.optimizer}, "
+                  f"attention {recipe.model.attn_implementation}")
     console.print(f"loading {recipe.model.name_or_path} "
                   f"({'4-bit ' + recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'full precision'})")
     set_seed(recipe.train.seed)  # the adapter's initial weights too, so a run can be repeated exactly
