@@ -32,6 +32,7 @@ SCHEDULER_JSON, SCALER_JSON, TRAINER_STATE_JSON = "scheduler.json", "scaler.json
 # present in every complete checkpoint (scaler.json only with fp16)
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", OPTIMIZER_TENSORS, OPTIMIZER_JSON,
                     SCHEDULER_JSON, RNG_TENSORS, RNG_JSON, TRAINER_STATE_JSON)
+MAX_OVERFLOWS = 20  # fp16 loss-scale overflows in a row that mean a diverged run (2^16 / 2^20 < 1)
 CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
@@ -65,62 +66,79 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as (tensors for safetensors, the rest for JSON).
+# a JSON object with one of these keys stands for what JSON has no word for (see save_state)
+TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
 
-    0-d tensors (Adam's step count) go to JSON as numbers with their dtype, so they load back exactly.
+
+def save_state(state, tensors_file: Path, json_file: Path) -> None:
+    """Write nested dicts / lists / tuples of tensors and JSON scalars pickle-free, so load_state returns an equal copy.
+
+    Tensors go to `tensors_file` (safetensors: dtype and shape exact, 0-d too) under their path in `state`
+    ("state.0.exp_avg"); a tensor met again (bitsandbytes shares one quantization map among parameters) is
+    stored once. The rest goes to `json_file`; tuples and dicts with non-string keys (an optimizer's
+    parameter indices) are tagged, so they come back as tuples and int keys.
     """
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, values in state_dict["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                tensors[f"{index}.{key}"] = value.detach().contiguous()
-            elif isinstance(value, torch.Tensor):
-                scalars.setdefault(str(index), {})[key] = {"value": value.item(),
-                                                           "dtype": str(value.dtype).removeprefix("torch.")}
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "state": scalars}
+    paths: dict[int, str] = {}  # id(tensor) -> where it is stored
+
+    def encode(value, path: str):
+        if isinstance(value, torch.Tensor):
+            if id(value) not in paths:
+                path = path.removeprefix(".")
+                if path in tensors:  # keys holding dots could make two paths equal
+                    raise ValueError(f"two tensors at checkpoint path {path!r}")
+                paths[id(value)], tensors[path] = path, value.detach().contiguous()
+            return {TENSOR: paths[id(value)]}
+        if isinstance(value, (list, tuple)):
+            items = [encode(item, f"{path}.{i}") for i, item in enumerate(value)]
+            return items if isinstance(value, list) else {TUPLE: items}
+        if isinstance(value, dict):
+            items = {key: encode(item, f"{path}.{key}") for key, item in value.items()}
+            if all(isinstance(key, str) and key not in (TENSOR, TUPLE, ITEMS) for key in items):
+                return items
+            return {ITEMS: [[encode(key, path), item] for key, item in items.items()]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot checkpoint {type(value).__name__} at {path!r}")
+
+    rest = encode(state, "")
+    save_file(tensors, tensors_file)
+    write_json(json_file, rest)
 
 
-def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    """The inverse of split_optimizer_state."""
-    state: dict[int, dict] = {}
-    for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in rest["state"].items():
-        for key, value in values.items():
-            if isinstance(value, dict) and set(value) == {"value", "dtype"}:
-                value = torch.tensor(value["value"], dtype=getattr(torch, value["dtype"]))
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
+def load_state(tensors_file: Path, json_file: Path):
+    """What save_state wrote, read back without pickle."""
+    tensors = load_file(tensors_file)
+
+    def decode(obj: dict):  # json calls this innermost object first
+        if obj.keys() == {TENSOR}:
+            return tensors[obj[TENSOR]]
+        if obj.keys() == {TUPLE}:
+            return tuple(obj[TUPLE])
+        if obj.keys() == {ITEMS}:
+            return {key: item for key, item in obj[ITEMS]}
+        return obj
+
+    return json.loads(json_file.read_text(encoding="utf-8"), object_hook=decode)
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    """Python, numpy, torch CPU (and CUDA) RNG states as (tensors for safetensors, the rest for JSON)."""
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    tensors = {
-        "python": torch.tensor(internal, dtype=torch.int64),
-        "numpy": torch.from_numpy(keys.astype(np.int64)),
-        "torch": torch.random.get_rng_state(),
-    }
+def rng_state() -> dict:
+    """Python, numpy, torch CPU (and CUDA) RNG states, for save_state."""
+    kind, keys, *numpy_rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *numpy_rest),
+             "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.random.get_rng_state()
-    rest = {"python": [version, gauss_next], "numpy": [kind, int(pos), int(has_gauss), float(cached_gaussian)]}
-    return tensors, rest
+        state["cuda"] = torch.cuda.random.get_rng_state()
+    return state
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
-    version, gauss_next = rest["python"]
-    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
-    kind, pos, has_gauss, cached_gaussian = rest["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.random.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.random.set_rng_state(tensors["cuda"])
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *numpy_rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *numpy_rest))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.random.set_rng_state(state["cuda"])
 
 
 class QLoRATrainer(SFTTrainer):
@@ -128,6 +146,7 @@ class QLoRATrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.overflows = 0  # fp16 loss-scale overflows in a row
         # SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as float32, so the two
         # runs would diverge; float32 adapters (bf16 stays for compute) train identically fresh and resumed
         for param in self.model.parameters():
@@ -163,17 +182,14 @@ class QLoRATrainer(SFTTrainer):
                 shutil.rmtree(old)
 
     def _save_optimizer_and_scheduler(self, output_dir):
-        tensors, rest = split_optimizer_state(self.optimizer.state_dict())
-        save_file(tensors, Path(output_dir) / OPTIMIZER_TENSORS)
-        write_json(Path(output_dir) / OPTIMIZER_JSON, rest)
+        save_state(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_TENSORS, Path(output_dir) / OPTIMIZER_JSON)
         write_json(Path(output_dir) / SCHEDULER_JSON, self.lr_scheduler.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
             return
         checkpoint = Path(checkpoint)
-        tensors = load_file(checkpoint / OPTIMIZER_TENSORS)
-        self.optimizer.load_state_dict(join_optimizer_state(tensors, read_json(checkpoint / OPTIMIZER_JSON)))
+        self.optimizer.load_state_dict(load_state(checkpoint / OPTIMIZER_TENSORS, checkpoint / OPTIMIZER_JSON))
         self.lr_scheduler.load_state_dict(read_json(checkpoint / SCHEDULER_JSON))
 
     def _save_scaler(self, output_dir):
@@ -187,13 +203,11 @@ class QLoRATrainer(SFTTrainer):
             scaler.load_state_dict(read_json(Path(checkpoint) / SCALER_JSON))
 
     def _save_rng_state(self, output_dir):
-        tensors, rest = rng_state()
-        save_file(tensors, Path(output_dir) / RNG_TENSORS)
-        write_json(Path(output_dir) / RNG_JSON, rest)
+        save_state(rng_state(), Path(output_dir) / RNG_TENSORS, Path(output_dir) / RNG_JSON)
 
     def _load_rng_state(self, checkpoint):
         if checkpoint is not None:
-            set_rng_state(load_file(Path(checkpoint) / RNG_TENSORS), read_json(Path(checkpoint) / RNG_JSON))
+            set_rng_state(load_state(Path(checkpoint) / RNG_TENSORS, Path(checkpoint) / RNG_JSON))
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -206,9 +220,24 @@ class QLoRATrainer(SFTTrainer):
         # called after clipping and before the optimizer step, so a non-finite norm never reaches the weights
         norm = super()._get_grad_norm(model, grad_norm)
         if norm is not None and not math.isfinite(float(norm)):
+            if self.loss_scale_overflow():
+                return norm
             self.stop_non_finite(self.state.global_step + 1,
                                  f"the gradient norm is {float(norm)}, so the weights were not updated")
+        self.overflows = 0
         return norm
+
+    def loss_scale_overflow(self) -> bool:
+        """Whether a non-finite gradient is fp16 loss scaling at work rather than a diverged run.
+
+        With fp16 the GradScaler skips the optimizer step on an overflow and halves its scale: that is
+        normal. Only MAX_OVERFLOWS overflows in a row (the scale fallen from 2^16 below 1) mean the
+        gradients themselves are not finite.
+        """
+        if getattr(self.accelerator, "scaler", None) is None:
+            return False
+        self.overflows += 1
+        return self.overflows < MAX_OVERFLOWS
 
     def stop_non_finite(self, step: int, what: str):
         checkpoints = complete_checkpoints(Path(self.args.output_dir))
