@@ -102,7 +102,8 @@ def test_text_format_trains_every_token_and_the_eos(tokenizers):
     tok = tokenizers["gemma"]
     text = "### Human: hi ### Assistant: hello"
     ids, labels = encode(tok, {"text": text}, format="text")
-    assert ids == ids_of(tok, text, special=True) + [tok.eos_token_id] and labels == ids
+    assert ids == ids_of(tok, text + tok.eos_token, special=True)
+    assert labels == [IGNORE_INDEX] + ids[1:]  # all but the BOS, which nothing predicts
 
 
 def test_fields_map_our_names_to_the_file_columns(tokenizers):

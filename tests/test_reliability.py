@@ -329,3 +329,17 @@ def test_sigint_and_sigterm_stop_a_real_run_with_a_checkpoint_and_it_resumes(tmp
     assert m > k and names(checkpoints) == [f"checkpoint-{k}", f"checkpoint-{m}"]
     assert_checkpoint_loads(checkpoints / f"checkpoint-{m}", m)
     assert logged_steps(run) == list(range(1, m + 1))
+
+
+def test_fp16_loss_scale_overflows_are_skipped_until_they_persist():
+    """fp16 trains on CUDA only (accelerate makes no GradScaler on CPU), so the decision is tested on its own:
+    with a scaler an overflow is a skipped step, not a failure, until MAX_OVERFLOWS come in a row."""
+    from types import SimpleNamespace
+
+    from qlora.checkpoint import MAX_OVERFLOWS
+
+    fp16 = SimpleNamespace(accelerator=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")), overflows=0)
+    assert all(QLoRATrainer.loss_scale_overflow(fp16) for _ in range(MAX_OVERFLOWS - 1))
+    assert not QLoRATrainer.loss_scale_overflow(fp16)
+    bf16 = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), overflows=0)
+    assert not QLoRATrainer.loss_scale_overflow(bf16)

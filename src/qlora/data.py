@@ -158,31 +158,62 @@ def segments_for(template: Template, tokenizer, messages, input: str = "", add_g
     return template.segments(messages, input, add_generation_prompt)
 
 
-def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): each segment tokenized on its own; trained ones end with a trained EOS.
+# a reply that starts with whitespace the template's prompt also ends with, typically
+BOUNDARY_PROBLEM = "reply not on a token boundary (strip its leading whitespace)"
 
-    Only the first segment gets the tokenizer's special tokens, so there is exactly the BOS the
-    model's own convention adds (a template that also writes one is deduplicated). The EOS label is
-    set explicitly, never derived from the pad id, so it is trained even when padding uses EOS.
+
+class BoundaryMerge(ValueError):
+    """The tokenizer merges the end of a prompt into the reply that follows it (see encode_segments)."""
+
+
+def encode_text(tokenizer, text: str, offsets: bool = False):
+    """Token ids of `text` as one string, with the tokenizer's special tokens and exactly one BOS.
+
+    A template that writes the BOS itself (a chat template) would get a second one from the tokenizer:
+    it is dropped. With `offsets`, returns (ids, character offsets) instead.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    for i, (text, trained) in enumerate(segments):
-        part = tokenizer(text, add_special_tokens=i == 0)["input_ids"]
-        while i == 0 and bos is not None and len(part) > 1 and part[0] == bos == part[1]:
-            part = part[1:]
-        if trained and (not part or part[-1] != eos):
-            part = part + [eos]
-        ids += part
-        labels += part if trained else [IGNORE_INDEX] * len(part)
+    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=offsets)
+    ids, spans = encoded["input_ids"], encoded.get("offset_mapping")
+    bos = tokenizer.bos_token_id
+    while bos is not None and len(ids) > 1 and ids[0] == bos == ids[1]:
+        ids, spans = ids[1:], spans and spans[1:]
+    return (ids, spans) if offsets else ids
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation tokenized as ONE string, exactly as a consumer tokenizes it.
+
+    The segments are joined, each trained one followed by the EOS token, and the whole text is tokenized
+    once (so SentencePiece's dummy prefix and BPE merges fall as they do for anyone tokenizing the rendered
+    conversation). A token is trained when its first character lies in a trained segment; the EOS label is
+    set that way too, never derived from the pad id, so it is trained even when padding uses EOS.
+    Raises BoundaryMerge when a reply does not start on a token boundary, or when the prompt before it
+    tokenizes differently on its own: generation could then never feed the model its training prefix.
+    """
+    eos = tokenizer.eos_token
+    text, trained_spans, starts = "", [], []
+    for part, trained in segments:
+        begin = len(text)
+        text += part + (eos if trained and not part.endswith(eos) else "")
+        if trained:
+            trained_spans.append((begin, len(text)))
+            starts.append(begin)
+    ids, offsets = encode_text(tokenizer, text, offsets=True)
+    labels = [token if end > begin and any(a <= begin < b for a, b in trained_spans) else IGNORE_INDEX
+              for token, (begin, end) in zip(ids, offsets)]
+    for start in starts:
+        if any(begin < start < end for begin, end in offsets):
+            raise BoundaryMerge(f"a token spans the end of the prompt and the start of the reply at {text[:start][-20:]!r}")
+        prefix = [token for token, (begin, end) in zip(ids, offsets) if end <= start]
+        if start and encode_text(tokenizer, text[:start]) != prefix:
+            raise BoundaryMerge(f"the prompt ending {text[:start][-20:]!r} tokenizes differently without its reply")
     return ids, labels
 
 
 def encode_prompt(tokenizer, template: Template, instruction: str, input: str = "") -> list[int]:
     """Token ids of a single-turn prompt, exactly as the training sequence starts."""
     messages = [{"role": "user", "content": instruction}]
-    return encode_segments(tokenizer, segments_for(template, tokenizer, messages, input, True))[0]
+    return encode_text(tokenizer, "".join(t for t, _ in segments_for(template, tokenizer, messages, input, True)))
 
 
 # Loading ------------------------------------------------------------------------------------------
@@ -373,18 +404,24 @@ def find_invalid(rows: list[Any], data: DataSection, report: DataReport) -> list
             valid.append(index)
     if not rows:
         raise UserError(f"{report.source}: no rows to train on")
-    if report.invalid:
-        fraction = report.invalid_count / len(rows)
-        if report.invalid_count == len(rows) and isinstance(rows[0], dict):
-            raise UserError(f"{report.source}: {report.invalid_summary()}. Does data.format ({data.format}) match "
-                            f"the file? Its first row has the columns {', '.join(rows[0])}; map them with data.fields")
-        if not data.skip_invalid:
-            raise UserError(f"{report.source}: {report.invalid_summary()}. Fix or remove them, or set "
-                            "data.skip_invalid: true to drop them")
-        if fraction > data.max_invalid_fraction:
-            raise UserError(f"{report.source}: {report.invalid_summary()}: {fraction:.1%} is over "
-                            f"data.max_invalid_fraction={data.max_invalid_fraction}; fix the file or raise it")
+    if report.invalid_count == len(rows) and isinstance(rows[0], dict):
+        raise UserError(f"{report.source}: {report.invalid_summary()}. Does data.format ({data.format}) match "
+                        f"the file? Its first row has the columns {', '.join(rows[0])}; map them with data.fields")
+    enforce_invalid_policy(data, report)
     return valid
+
+
+def enforce_invalid_policy(data: DataSection, report: DataReport) -> None:
+    """Raise a UserError for the invalid rows in the report unless data.skip_invalid (within its cap) allows them."""
+    if not report.invalid:
+        return
+    if not data.skip_invalid:
+        raise UserError(f"{report.source}: {report.invalid_summary()}. Fix or remove them, or set "
+                        "data.skip_invalid: true to drop them")
+    fraction = report.invalid_count / report.rows_total
+    if fraction > data.max_invalid_fraction:
+        raise UserError(f"{report.source}: {report.invalid_summary()}: {fraction:.1%} is over "
+                        f"data.max_invalid_fraction={data.max_invalid_fraction}; fix the file or raise it")
 
 
 def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSection, source: str):
@@ -397,7 +434,11 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
     valid = find_invalid(rows, data, report)
     for index in track(valid, description=f"tokenizing {len(valid)} rows", console=Console(stderr=True),
                        transient=True, disable=len(valid) < 1000):
-        ids, lab = encode_segments(tokenizer, row_segments(rows[index], data, template, tokenizer))
+        try:
+            ids, lab = encode_segments(tokenizer, row_segments(rows[index], data, template, tokenizer))
+        except BoundaryMerge:
+            report.invalid.setdefault(BOUNDARY_PROBLEM, []).append(index)
+            continue
         if len(ids) > data.max_length:
             if data.too_long == "error":
                 raise UserError(f"{source}: row {index} has {len(ids)} tokens, over data.max_length="
@@ -413,6 +454,7 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
         report.tokens += len(ids)
         report.trained_tokens += sum(1 for x in lab if x != IGNORE_INDEX)
         report.eos_trained += lab[-1] == tokenizer.eos_token_id
+    enforce_invalid_policy(data, report)
     if not input_ids:
         raise UserError(f"{source}: no row fits data.max_length={data.max_length}; raise it")
     return input_ids, labels, report
