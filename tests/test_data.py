@@ -93,9 +93,10 @@ def test_system_text_goes_where_each_template_puts_it():
 def test_prompt_completion_masks_the_prompt(tokenizers):
     tok = tokenizers["llama"]
     ids, labels = encode(tok, {"prompt": "Q: 2+2?\nA:", "completion": " 4"}, format="prompt_completion")
-    prompt = ids_of(tok, "Q: 2+2?\nA:", special=True)
-    assert ids == prompt + ids_of(tok, " 4") + [tok.eos_token_id]
-    assert labels == [IGNORE_INDEX] * len(prompt) + ids_of(tok, " 4") + [tok.eos_token_id]
+    prompt = encode_prompt(tok, TEMPLATES["raw"], "Q: 2+2?\nA:")
+    assert ids[:len(prompt)] == prompt and labels == [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
+    # the completion's one space is its own `▁`, not doubled by a dummy prefix of its own
+    assert "".join(tok.convert_ids_to_tokens(ids[len(prompt):])) == "▁4</s>"
 
 
 def test_text_format_trains_every_token_and_the_eos(tokenizers):

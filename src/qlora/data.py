@@ -166,47 +166,55 @@ class BoundaryMerge(ValueError):
     """The tokenizer merges the end of a prompt into the reply that follows it (see encode_segments)."""
 
 
-def encode_text(tokenizer, text: str, offsets: bool = False):
-    """Token ids of `text` as one string, with the tokenizer's special tokens and exactly one BOS.
-
-    A template that writes the BOS itself (a chat template) would get a second one from the tokenizer:
-    it is dropped. With `offsets`, returns (ids, character offsets) instead.
-    """
-    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=offsets)
-    ids, spans = encoded["input_ids"], encoded.get("offset_mapping")
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every encoded text with its BOS (Llama, Gemma: yes; GPT-2 style: no)."""
     bos = tokenizer.bos_token_id
-    while bos is not None and len(ids) > 1 and ids[0] == bos == ids[1]:
-        ids, spans = ids[1:], spans and spans[1:]
-    return (ids, spans) if offsets else ids
+    return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def with_bos(tokenizer, text: str) -> str:
+    """`text` with the BOS token written in front where the family uses one, as a chat template renders it."""
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
+    return text if text.startswith(bos) else bos + text
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered text: its BOS written in front (once), then the whole string tokenized as one,
+    special-token text included: exactly what `apply_chat_template(..., tokenize=True)` does."""
+    return tokenizer(with_bos(tokenizer, text), add_special_tokens=False)["input_ids"]
 
 
 def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation tokenized as ONE string, exactly as a consumer tokenizes it.
 
-    The segments are joined, each trained one followed by the EOS token, and the whole text is tokenized
-    once (so SentencePiece's dummy prefix and BPE merges fall as they do for anyone tokenizing the rendered
-    conversation). A token is trained when its first character lies in a trained segment; the EOS label is
-    set that way too, never derived from the pad id, so it is trained even when padding uses EOS.
-    Raises BoundaryMerge when a reply does not start on a token boundary, or when the prompt before it
-    tokenizes differently on its own: generation could then never feed the model its training prefix.
+    The segments are joined, each trained one followed by the EOS token, the BOS written in front, and the
+    whole text tokenized once (encode_text), so SentencePiece's dummy prefix and BPE merges fall as they do
+    for anyone tokenizing the rendered conversation. A token is trained when its first character lies in a
+    trained segment; the EOS label is set that way too, never derived from the pad id, so it is trained even
+    when padding uses EOS. Raises BoundaryMerge when a reply does not start on a token boundary, or when the
+    prompt before it tokenizes differently on its own: generation could then never feed the model its
+    training prefix.
     """
     eos = tokenizer.eos_token
-    text, trained_spans, starts = "", [], []
+    text, trained_spans = "", []
     for part, trained in segments:
         begin = len(text)
         text += part + (eos if trained and not part.endswith(eos) else "")
         if trained:
             trained_spans.append((begin, len(text)))
-            starts.append(begin)
-    ids, offsets = encode_text(tokenizer, text, offsets=True)
+    full = with_bos(tokenizer, text)
+    shift = len(full) - len(text)
+    trained_spans = [(a + shift, b + shift) for a, b in trained_spans]
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = [token if end > begin and any(a <= begin < b for a, b in trained_spans) else IGNORE_INDEX
               for token, (begin, end) in zip(ids, offsets)]
-    for start in starts:
+    for start, _ in trained_spans:
         if any(begin < start < end for begin, end in offsets):
-            raise BoundaryMerge(f"a token spans the end of the prompt and the start of the reply at {text[:start][-20:]!r}")
+            raise BoundaryMerge(f"a token spans the end of the prompt and the reply at {full[:start][-20:]!r}")
         prefix = [token for token, (begin, end) in zip(ids, offsets) if end <= start]
-        if start and encode_text(tokenizer, text[:start]) != prefix:
-            raise BoundaryMerge(f"the prompt ending {text[:start][-20:]!r} tokenizes differently without its reply")
+        if encode_text(tokenizer, full[:start]) != prefix:
+            raise BoundaryMerge(f"the prompt ending {full[:start][-20:]!r} tokenizes differently without its reply")
     return ids, labels
 
 
