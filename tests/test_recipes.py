@@ -1,48 +1,70 @@
-"""Each shipped recipe, with its model swapped for a tiny one of the same architecture, trains and generates."""
+"""Each shipped recipe runs as shipped on a tiny twin of its architecture: checkpoint, interrupt, resume, finish,
+generate. Only the model and data (paths, revisions) and the run's length and size are swapped; the optimizer
+(paged 8-bit AdamW), compute dtype (auto), attention kernel and everything else are the recipe's own."""
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
-from qlora.config import GenerationSection, apply_overrides, read_recipe_file, validate_recipe
+from qlora.config import apply_overrides, read_recipe_file, validate_recipe
+from qlora.errors import RunInterrupted
 from qlora.generate import generate, load_run
 from qlora.train import train
+from test_reliability import SignalAt, metrics, names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARCH = {"google/gemma-2b": "gemma", "meta-llama/Llama-2-7b-hf": "llama", "mistralai/Mistral-7B-v0.1": "mistral",
-        "microsoft/phi-2": "phi"}
+        "microsoft/phi-2": "phi", "Qwen/Qwen2.5-Coder-7B": "qwen2"}
 HUB_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "tiny-code.yaml")
+# the only keys a test may swap: where the model and data come from, and how long and large the run is
+SWAPPABLE = {"model.name_or_path", "model.revision", "data.path", "data.revision", "train.output_dir",
+             "train.max_steps", "train.save_steps", "train.logging_steps", "train.batch_size", "train.grad_accum"}
 
 
 def rows_for(data):
-    """Four rows in the recipe's own format and column names."""
+    """Eight rows in the recipe's own format and column names."""
     column = lambda name: data.fields.get(name, name)  # noqa: E731
     if data.format == "text":
-        return [{"text": f"### Human: What is {i} + {i}? ### Assistant: {2 * i}."} for i in range(4)]
+        return [{column("text"): f"### Human: What is {i} + {i}? ### Assistant: {2 * i}."} for i in range(8)]
     return [{column("instruction"): f"Return {i} doubled.", column("input"): "" if i % 2 else f"x = {i}",
-             column("output"): f"def f():\n    return {2 * i}"} for i in range(4)]
+             column("output"): f"def f():\n    return {2 * i}"} for i in range(8)]
+
+
+def test_every_recipe_is_pinned_and_runs_the_users_configuration():
+    for path in HUB_RECIPES:
+        recipe = validate_recipe(read_recipe_file(path), str(path))
+        assert recipe.model.name_or_path in ARCH, f"{path.name}: a new architecture needs a twin in qlora.tiny"
+        assert len(recipe.model.revision) == 40, f"{path.name}: pin the base model to a commit"
+        assert recipe.quantization.compute_dtype == "auto" and recipe.train.optimizer == "paged_adamw_8bit"
 
 
 @pytest.mark.parametrize("path", HUB_RECIPES, ids=lambda p: p.stem)
-def test_recipe_trains_and_generates_on_a_tiny_model_of_its_architecture(path, tmp_path, tiny_model):
+def test_recipe_as_shipped_checkpoints_resumes_finishes_and_generates(path, tmp_path, tiny_model):
     raw = read_recipe_file(path)
     recipe = validate_recipe(raw, str(path))
-    assert recipe.model.name_or_path in ARCH, "a recipe for a new architecture needs a tiny twin in qlora.tiny"
-    assert len(recipe.model.revision) == 40  # every base model is pinned to a commit
     data_file = tmp_path / "data.json"
     data_file.write_text(json.dumps(rows_for(recipe.data)))
-    raw = apply_overrides(raw, [
-        f"model.name_or_path={tiny_model(ARCH[recipe.model.name_or_path])}", "model.revision=main",
-        f"data.path={data_file}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=2",
-        "train.batch_size=2", "train.grad_accum=1", "train.logging_steps=1", "train.optimizer=adamw_torch",  # paged optimizers need CUDA
-        "quantization.compute_dtype=float32",
-    ])
-    run = train(validate_recipe(raw, str(path)))
+    swaps = {"model.name_or_path": tiny_model(ARCH[recipe.model.name_or_path]), "model.revision": "main",
+             "data.path": data_file, "data.revision": "null", "train.output_dir": tmp_path / "run",
+             "train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "train.batch_size": 2,
+             "train.grad_accum": 1}
+    assert set(swaps) <= SWAPPABLE
+    shipped = validate_recipe(apply_overrides(raw, [f"{key}={value}" for key, value in swaps.items()]), str(path))
+
+    with pytest.raises(RunInterrupted, match="SIGTERM after step 3") as stopped:
+        train(shipped, callbacks=[SignalAt(3, signal.SIGTERM)])
+    assert stopped.value.exit_code == 143
+    run = tmp_path / "run"
+    assert names(run / "checkpoints") == ["checkpoint-2", "checkpoint-3"]
+    assert train(shipped) == run  # resumes at step 3 and finishes
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4]
+    saved = validate_recipe(read_recipe_file(run / "recipe.yaml"), "recipe.yaml")
+    assert saved.train.optimizer == "paged_adamw_8bit" and saved.quantization.compute_dtype != "auto"
+
     loaded = load_run(run)
     sampling = loaded.recipe.generation.model_copy(update={"max_new_tokens": 4})
     assert len(generate(loaded, [("Return 3 doubled.", "")], sampling)) == 1
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and all("loss" in m or "eval_loss" in m for m in metrics)
     if recipe.data.eval_fraction:
-        assert any("eval_loss" in m for m in metrics)
+        assert any("eval_loss" in m for m in metrics(run))
