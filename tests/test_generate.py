@@ -45,6 +45,12 @@ def test_beam_search(loaded):
     assert generate(loaded, [(ROW["instruction"], "")], GREEDY.model_copy(update={"num_beams": 3})) == [ROW["output"]]
 
 
+def test_beam_search_cannot_stream_and_says_so(memorised_run):
+    result = cli(memorised_run, "--prompt", ROW["instruction"], "--num-beams", "3", "--stream")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith("error: num_beams=3: beam search picks its text only")
+
+
 def test_stop_string_ends_the_output_before_it(loaded):
     sampling = GREEDY.model_copy(update={"stop": ["[::", "never"]})
     expected = ROW["output"].split("[::")[0]

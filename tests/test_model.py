@@ -1,9 +1,17 @@
 """The real 4-bit path: bitsandbytes NF4 with double quantization, float32 LoRA adapters on top."""
 
+import re
+from pathlib import Path
+
 import bitsandbytes as bnb
+import pytest
 import torch
 
-from qlora.model import add_lora, get_quantization_config, load_quantized_base
+from qlora.check import check
+from qlora.errors import UserError
+from qlora.model import (add_lora, check_single_device, cpu_has_native_bf16, get_quantization_config,
+                         load_quantized_base, resolve_recipe)
+from qlora.train import train
 
 
 def test_base_linears_are_nf4_double_quantized(make_recipe):
@@ -34,3 +42,42 @@ def test_target_modules_list_limits_the_adapters(make_recipe):
     model = add_lora(load_quantized_base(recipe), recipe)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(names) == 2 * 2 * 2 and all(("q_proj" in n or "v_proj" in n) for n in names)
+
+
+def test_auto_settings_resolve_for_this_machine(make_recipe):
+    resolved = resolve_recipe(make_recipe())
+    native = cpu_has_native_bf16()
+    assert resolved.quantization.compute_dtype == ("bfloat16" if native else "float32")
+    assert resolved.train.optimizer == "adamw_torch" and resolved.model.attn_implementation == "sdpa"
+    assert resolve_recipe(resolved) == resolved  # a recorded run resolves to itself when resumed
+
+
+def test_a_model_class_without_sdpa_falls_back_to_eager(make_recipe, tmp_path):
+    from transformers import Gemma2Config
+
+    Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, vocab_size=256).save_pretrained(tmp_path / "gemma2")
+    recipe = make_recipe(model={"name_or_path": str(tmp_path / "gemma2")})
+    assert resolve_recipe(recipe).model.attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("sections, env, message", [
+    ({"quantization": {"compute_dtype": "float16"}}, {}, "quantization.compute_dtype: float16 mixed precision needs"),
+    ({"model": {"attn_implementation": "flash_attention_2"}}, {}, "model.attn_implementation: flash_attention_2 needs"),
+    ({}, {"WORLD_SIZE": "2"}, "WORLD_SIZE=2: qlora trains in one process for now"),
+], ids=["fp16-on-cpu", "flash-attn-on-cpu", "torchrun"])
+def test_check_and_train_refuse_what_this_machine_cannot_run(make_recipe, monkeypatch, sections, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    recipe = make_recipe(**sections)
+    for command in (check, train):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            command(recipe)
+    assert not Path(recipe.train.output_dir).exists()  # refused before anything was written
+
+
+def test_several_visible_gpus_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(UserError, match="4 CUDA devices are visible .* CUDA_VISIBLE_DEVICES=0"):
+        check_single_device()

@@ -107,6 +107,9 @@ def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: Gene
     """
     import torch
 
+    if streamer is not None and sampling.num_beams > 1:
+        raise UserError(f"num_beams={sampling.num_beams}: beam search picks its text only at the end, so it cannot "
+                        "stream (--stream, --chat); drop --stream or set --num-beams 1")
     tok, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
     if sampling.seed is not None:
