@@ -24,7 +24,9 @@ def test_report_on_clean_data(make_recipe):
     assert 0 < d.trained_tokens < d.tokens
     assert report.length_stats["min"] <= report.length_stats["median"] <= report.length_stats["max"]
     assert sum(c for _, _, c in report.histogram) == 3
-    assert report.trainable_parameters == 65_536  # r=16 x (in+out) over the 14 linears of the tiny Gemma
+    # r=16 x (in+out) over the tiny Gemma's 14 linears: 2 layers x (q 128+128, k and v 128+32, o 128+128,
+    # gate and up 128+1024, down 1024+128) = 2 x 4288 x 16
+    assert report.trainable_parameters == 137_216
     first = report.examples[0]
     assert [trained for _, trained in first] == [False, True]
     assert first[1][0] == ROW["output"] + "<eos>"

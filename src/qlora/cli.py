@@ -192,7 +192,7 @@ def merge(
 
 @app.command()
 def tiny(
-    arch: Annotated[str, typer.Argument(help="gemma, llama, mistral or phi.")],
+    arch: Annotated[str, typer.Argument(help="gemma, llama, mistral, phi or qwen2.")],
     output: Annotated[Path, typer.Argument(help="Directory to save the model and tokenizer in.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
 ) -> None:

@@ -106,7 +106,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     """Write the merged model, tokenizer (with chat template), generation config and model card to `output`."""
     from transformers import GenerationConfig
 
-    from qlora.model import load_tokenizer, resolve_compute_dtype
+    from qlora.model import load_tokenizer, resolve_compute_dtype, save_tokenizer
 
     run, output = Path(run), Path(output)
     if not (run / RECIPE_FILE).is_file() or not (run / ADAPTER_DIR / "adapter_config.json").is_file():
@@ -132,7 +132,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         console.print(f"writing {dtype} safetensors shards to {output}")
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
         (tmp / "README.md").write_text(model_card(recipe, base, dtype), encoding="utf-8")
         if output.exists():

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from qlora.errors import UserError
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # peft still calls transformers' gradient_checkpointing_* names, renamed in transformers 5: noise on every run
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing.*` is deprecated", category=FutureWarning)
+
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 if TYPE_CHECKING:
     from qlora.config import LoraSection, ModelSection, QuantizationSection, Recipe
@@ -204,6 +207,32 @@ def load_tokenizer(model: ModelSection, source: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def save_tokenizer(tokenizer, model: ModelSection, directory: Path) -> None:
+    """Save the tokenizer into `directory`, with the base's SentencePiece `tokenizer.model` when it has one.
+
+    transformers 5's save_pretrained does not write tokenizer.model, and llama.cpp's converter needs it
+    (Gemma) or scores the pieces wrongly without it (Llama, Mistral).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    tokenizer.save_pretrained(directory)
+    source = Path(model.name_or_path) / SENTENCEPIECE_FILE
+    if not Path(model.name_or_path).is_dir():
+        try:
+            source = Path(hf_hub_download(model.name_or_path, SENTENCEPIECE_FILE, revision=model.revision))
+        except LocalEntryNotFoundError:  # offline and not cached: the repo may still have one
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]warning:[/] {SENTENCEPIECE_FILE} of {model.name_or_path} is not in "
+                                       "the local hub cache (offline): not copied; llama.cpp's converter may need it")
+            return
+        except EntryNotFoundError:  # byte-level BPE families ship none
+            return
+    if source.is_file():
+        shutil.copyfile(source, Path(directory) / SENTENCEPIECE_FILE)
 
 
 def device_map():

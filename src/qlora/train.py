@@ -16,7 +16,8 @@ from rich.console import Console
 from qlora.config import Recipe, dump_recipe, load_recipe
 from qlora.data import TEMPLATES, build_datasets, load_rows
 from qlora.errors import RunFailed, RunInterrupted, UserError
-from qlora.model import add_lora, device_description, load_quantized_base, load_tokenizer, resolve_recipe
+from qlora.model import (add_lora, device_description, load_quantized_base, load_tokenizer, resolve_recipe,
+                         save_tokenizer)
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
@@ -323,7 +324,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         tmp = run / f".{ADAPTER_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
         shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
         tmp.rename(run / ADAPTER_DIR)
