@@ -67,7 +67,8 @@ def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
     assert parts["lora_weights_grads_optimizer"] == shape.lora * 10
     assert m["activations_with_checkpointing"] < m["activations_without_checkpointing"]
     assert 4 * GB < m["total"] < 6 * GB
-    single = estimate_memory(validate_recipe({**raw, "quantization": {"compute_dtype": "bfloat16", "double_quant": False}}, "r"), shape, 1024)
+    single_quant = {"compute_dtype": "bfloat16", "double_quant": False}
+    single = estimate_memory(validate_recipe({**raw, "quantization": single_quant}, "r"), shape, 1024)
     assert single["parts"]["quantization_constants"] > 3 * parts["quantization_constants"]
 
 

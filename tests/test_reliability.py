@@ -101,8 +101,8 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_without_pickle(ma
     train(make_recipe(train={"max_steps": 4}))  # resumes from checkpoint-2
 
     files = [p for p in run.rglob("*") if p.is_file()]
-    # README.md is peft's model card (text); nothing is a pickle or a torch.save zip
-    assert {p.suffix for p in files} <= {".safetensors", ".json", ".jsonl", ".yaml", ".md"}
+    # README.md is peft's model card (text), tokenizer.model a SentencePiece protobuf; nothing is a pickle or a torch zip
+    assert {p.suffix for p in files} <= {".safetensors", ".json", ".jsonl", ".yaml", ".md", ".model"}
     assert not [p for p in files if p.read_bytes()[:1] == b"\x80" or p.read_bytes()[:2] == b"PK"]
     checkpoint = run / "checkpoints/checkpoint-4"
     assert sorted(p.name for p in checkpoint.iterdir() if p.suffix != ".md") == [
@@ -133,6 +133,23 @@ def test_resume_refuses_another_recipe_and_touches_nothing(make_recipe, capsys):
     train(changed, overwrite=True)  # the explicit way to start over
     assert load_recipe(run / "recipe.yaml").lora.r == 8
     assert [m["step"] for m in metrics(run)] == [2] and names(run / "checkpoints") == ["checkpoint-2"]
+
+
+def test_a_resume_where_auto_would_choose_otherwise_is_refused_and_a_moved_device_is_noted(make_recipe, capsys):
+    run = train(make_recipe(train={"max_steps": 2}))
+    recorded = load_recipe(run / "recipe.yaml").quantization.compute_dtype
+    other = "float32" if recorded == "bfloat16" else "bfloat16"
+    # as on a machine where auto resolves to the other dtype: the recipe.yaml records what this one chose
+    with pytest.raises(UserError) as refused:
+        train(make_recipe(quantization={"compute_dtype": other}, train={"max_steps": 4}))
+    message = str(refused.value)
+    assert f'quantization.compute_dtype ("{recorded}" -> "{other}") (quantization.compute_dtype as this' in message
+
+    starts = json.loads((run / "environment.json").read_text())
+    (run / "environment.json").write_text(json.dumps([{**starts[0], "device": "cuda:0 (NVIDIA T4, capability 7.5)"}]))
+    train(make_recipe(train={"max_steps": 4}))
+    assert "note: the run trained on cuda:0 (NVIDIA T4, capability 7.5) and continues on cpu" in capsys.readouterr().err
+    assert [start["step"] for start in json.loads((run / "environment.json").read_text())] == [0, 2]
 
 
 def test_a_checkpoint_save_that_fails_midway_is_never_resumed(make_recipe, monkeypatch, capsys):
@@ -343,3 +360,18 @@ def test_fp16_loss_scale_overflows_are_skipped_until_they_persist():
     assert not QLoRATrainer.loss_scale_overflow(fp16)
     bf16 = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), overflows=0)
     assert not QLoRATrainer.loss_scale_overflow(bf16)
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_knobs(make_recipe):
+    class OutOfMemoryAt(TrainerCallback):  # what torch raises when a CUDA allocation fails
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    recipe = make_recipe(train={"max_steps": 4, "save_steps": 2})
+    with pytest.raises(RunFailed) as failed:
+        train(recipe, callbacks=[OutOfMemoryAt()])
+    message = str(failed.value)
+    assert message.startswith("out of GPU memory: lower train.batch_size=2 (raise train.grad_accum=1 to keep")
+    assert "data.max_length=512" in message and "lora.r=16" in message and "`qlora check`" in message
+    assert message.endswith(f"rerun resumes from {Path(recipe.train.output_dir) / 'checkpoints/checkpoint-2'}")

@@ -17,7 +17,7 @@ from typing import Literal
 from rich.console import Console
 
 from qlora.config import dump_recipe, load_recipe
-from qlora.data import Template, encode_prompt
+from qlora.data import Template, adds_bos, encode_prompt
 from qlora.errors import UserError
 from qlora.train import ADAPTER_DIR, RECIPE_FILE
 
@@ -119,8 +119,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
         template = Template.load(run / ADAPTER_DIR)
         if template.name != "tokenizer":  # else the tokenizer's own chat template, as trained, is kept
-            add_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-            tokenizer.chat_template = chat_template(template, add_bos)
+            tokenizer.chat_template = chat_template(template, adds_bos(tokenizer))
 
         g = recipe.generation
         model.generation_config = GenerationConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -44,8 +45,9 @@ def resolve_compute_dtype(name: str) -> str:
             return "bfloat16" if native_bf16 else "float16"
         if name == "bfloat16" and not native_bf16:
             major, minor = torch.cuda.get_device_capability()
-            raise UserError(f"quantization.compute_dtype: bfloat16 needs a CUDA GPU of compute capability 8.0 or newer; "
-                            f"{torch.cuda.get_device_name()} is {major}.{minor}: use auto (float16 there) or float32")
+            raise UserError(f"quantization.compute_dtype: bfloat16 needs a CUDA GPU of compute capability 8.0 or "
+                            f"newer; {torch.cuda.get_device_name()} is {major}.{minor}: use auto (float16 there) "
+                            "or float32")
         return name
     if name == "float16":
         raise UserError("quantization.compute_dtype: float16 mixed precision needs a CUDA GPU; on CPU use auto, "
@@ -219,6 +221,13 @@ def save_tokenizer(tokenizer, model: ModelSection, directory: Path) -> None:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     tokenizer.save_pretrained(directory)
+    # transformers 5 computes added_tokens_decoder and then drops it from tokenizer_config.json (tokenization_utils_base
+    # save_pretrained, "tokenizers backend don't need"); llama.cpp's converter reads it to keep special and
+    # user-defined tokens of a SentencePiece vocabulary (Gemma's <start_of_turn>) whole instead of plain text
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in tokenizer.added_tokens_decoder.items()}
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     source = Path(model.name_or_path) / SENTENCEPIECE_FILE
     if not Path(model.name_or_path).is_dir():
         try:

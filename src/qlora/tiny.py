@@ -59,7 +59,7 @@ class Twin:
     config: dict  # the model config at toy size
     sentencepiece: dict = field(default_factory=dict)  # SentencePieceTrainer options beyond the shared ones
     split_lines: bool = False  # train SentencePiece on lines: "\n" is then only a byte piece, as in Llama
-    bpe_vocab: int = 0  # byte-level BPE: size of the regular vocabulary (added tokens follow it)
+    bpe_vocab: str = ""  # byte-level BPE: the family's real vocabulary and merges, from llama.cpp (qlora.llamacpp)
     added: list = field(default_factory=list)  # byte-level BPE: (token, special) after the regular vocabulary
 
 
@@ -114,9 +114,9 @@ TWINS = {
         tokenizer_config={"tokenizer_class": "CodeGenTokenizer", "add_prefix_space": False,
                           "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                           "model_max_length": 2048},
-        bpe_vocab=985,  # + 39 added = 1024 tokens; the embedding is padded to 1088 as Phi-2's (50295 -> 51200)
+        bpe_vocab="gpt-2",  # GPT-2's 50256 + 39 added = 50295 tokens; the embedding is padded to 51200 as Phi-2's
         added=PHI_ADDED,
-        config={"model_type": "phi", "vocab_size": 1088, "hidden_size": 320, "intermediate_size": 1280,
+        config={"model_type": "phi", "vocab_size": 51200, "hidden_size": 320, "intermediate_size": 1280,
                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4},
                 "resid_pdrop": 0.1, "layer_norm_eps": 1e-5, "tie_word_embeddings": False},
@@ -127,9 +127,9 @@ TWINS = {
                           "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None,
                           "errors": "replace", "split_special_tokens": False, "model_max_length": 32768,
                           "chat_template": QWEN_CHAT_TEMPLATE},
-        bpe_vocab=986,  # + 22 added = 1008 tokens; the embedding is padded to 1024 as Qwen's (151665 -> 152064)
+        bpe_vocab="qwen2",  # Qwen's 151643 + 22 added = 151665 tokens; the embedding is padded to 152064 as the 7B's
         added=QWEN_ADDED,
-        config={"model_type": "qwen2", "vocab_size": 1024, "hidden_size": 448, "intermediate_size": 2368,
+        config={"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 448, "intermediate_size": 2368,
                 "num_attention_heads": 7, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
                 "max_position_embeddings": 32768,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
@@ -196,19 +196,17 @@ def _write_sentencepiece_tokenizer(twin: Twin, directory: Path):
 
 def _write_byte_level_tokenizer(twin: Twin, directory: Path):
     """A byte-level BPE trained with the family's own pre-tokenizer, its added tokens after the regular vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import CodeGenTokenizer, Qwen2Tokenizer
+
+    from qlora.llamacpp import real_bpe_vocab
 
     classes = {"CodeGenTokenizer": CodeGenTokenizer, "Qwen2Tokenizer": Qwen2Tokenizer}
     cls = classes[twin.tokenizer_config["tokenizer_class"]]
-    family = cls(vocab={}, merges=[]).backend_tokenizer  # the class's normalizer and pre-tokenizer, nothing learned
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer, bpe.pre_tokenizer = family.normalizer, family.pre_tokenizer
-    bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=twin.bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    learned = json.loads(bpe.to_str())["model"]
+    # the real vocabulary: llama.cpp's converter recognises only a BPE that tokenizes its check text as a known model
+    vocab, merges = real_bpe_vocab(twin.bpe_vocab)
     specials = {k: v for k, v in twin.tokenizer_config.items() if k.endswith("_token")}
-    tokenizer = cls(vocab=learned["vocab"], merges=[tuple(m) for m in learned["merges"]], **specials)
+    tokenizer = cls(vocab=vocab, merges=merges, **specials)
     tokenizer.add_tokens([AddedToken(t, special=special, normalized=not special) for t, special in twin.added])
     tokenizer.save_pretrained(directory)
 

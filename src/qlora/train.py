@@ -130,6 +130,26 @@ def write_failures(run: Path):
         raise RunFailed(f"cannot write to {run}: {reason}{where}{intact}") from None
 
 
+@contextmanager
+def out_of_memory_hint(recipe: Recipe):
+    """Turn a device out-of-memory error into one RunFailed line naming the knobs that lower memory."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        from qlora.checkpoint import complete_checkpoints
+
+        t, d = recipe.train, recipe.data
+        kept = complete_checkpoints(Path(t.output_dir) / CHECKPOINT_DIR)
+        resume = f"; rerun resumes from {kept[-1]}" if kept else ""
+        checkpointing = "" if t.gradient_checkpointing else ", train.gradient_checkpointing=true"
+        raise RunFailed(f"out of GPU memory: lower train.batch_size={t.batch_size} (raise train.grad_accum="
+                        f"{t.grad_accum} to keep the effective batch), data.max_length={d.max_length}, "
+                        f"lora.r={recipe.lora.r}{checkpointing}; `qlora check` on the recipe estimates the "
+                        f"peak{resume}") from None
+
+
 class SignalStop:
     """SIGINT / SIGTERM during `qlora train`: the first one in the training loop stops it after the
     current step with a checkpoint (see checkpoint.StopAtSignal).
@@ -313,7 +333,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         processing_class=tokenizer,
         callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
     )
-    with write_failures(run):
+    with write_failures(run), out_of_memory_hint(recipe):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.signum is not None:
         raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {trainer.state.global_step}: "
