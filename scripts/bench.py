@@ -76,12 +76,13 @@ def build_examples(path: Path, max_length: int, vocab: int) -> list[tuple[list[i
     return [(fold(i), fold(l)) for i, l in zip(ids, labels)]
 
 
-def save_random_model(shape: str, workdir: Path) -> Path:
-    """A random model with the shape's exact dimensions, saved once (bf16 on CUDA, float32 on CPU)."""
+def save_random_model(shape: str, workdir: Path, layers: int | None = None) -> Path:
+    """A random model with the shape's exact dimensions (`layers` of them if given), saved once (bf16 on CUDA,
+    float32 on CPU)."""
     import torch
     import transformers
 
-    target = workdir / shape
+    target = workdir / (shape if layers is None else f"{shape}-{layers}-layers")
     if (target / "config.json").is_file():
         return target
     if shape == "tiny":
@@ -89,7 +90,7 @@ def save_random_model(shape: str, workdir: Path) -> Path:
 
         return build_tiny_model("gemma", target)
     name, dims = SHAPES[shape]
-    config = getattr(transformers, name)(**dims)
+    config = getattr(transformers, name)(**dims | ({} if layers is None else {"num_hidden_layers": layers}))
     cuda = torch.cuda.is_available()
     with torch.device("cuda" if cuda else "cpu"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -190,6 +191,15 @@ def versions() -> dict[str, str]:
     return {n: md.version(n) for n in names} | {"python": platform.python_version()}
 
 
+def write_report(report: dict, out: Path | None) -> None:
+    """Print the report as JSON, and write it to `out` when given."""
+    text = json.dumps(report, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -286,11 +296,7 @@ def main() -> None:
             "tokens_per_second": q["tokens_per_second"] / b["tokens_per_second"],
             "peak_memory": (q["peak_memory_allocated_bytes"] / b["peak_memory_allocated_bytes"]) if cuda else None,
         }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

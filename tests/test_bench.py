@@ -22,3 +22,21 @@ def test_bench_tiny_writes_the_documented_report(tmp_path):
     assert abs(qlora["final_loss"] - baseline["final_loss"]) / baseline["final_loss"] < 0.01  # same data, same loss
     assert report["ratios"]["tokens_per_second"] == qlora["tokens_per_second"] / baseline["tokens_per_second"]
     assert qlora["memory_estimate_bytes"] > 0
+
+
+def test_bench_upcast_tiny_compares_the_casts_and_checks_the_estimate(tmp_path):
+    out = tmp_path / "upcast.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_upcast.py"), "--shape", "tiny", "--steps", "2",
+                    "--warmup", "1", "--memory-steps", "1", "--variants", "upcast,norms-fp32",
+                    "--workdir", str(tmp_path / "w"), "--out", str(out)], check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    upcast, kept = report["variants"]["upcast"], report["variants"]["norms-fp32"]
+    assert set(report["variants"]) == {"upcast", "norms-fp32", "control"}
+    assert upcast["frozen_non_4bit_dtypes"] == ["float32"]
+    assert set(kept["frozen_non_4bit_dtypes"]) == {"float32", report["settings"]["compute_dtype"]}
+    # add_lora leaves what the norms-fp32 variant measures, and `qlora check` estimates exactly that
+    assert report["add_lora"]["frozen_non_4bit_bytes"] == kept["frozen_non_4bit_bytes"] \
+        == report["qlora_check_unquantized_weights_bytes"]
+    for v in (upcast, kept):
+        assert v["peak_rss_bytes"] >= v["rss_loaded_bytes"] > 0 and v["tokens_per_second"] > 0
+        assert len(v["losses"]) == 2 and v["max_relative_loss_difference_to_reference"] < 0.01

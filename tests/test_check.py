@@ -65,11 +65,19 @@ def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
     assert parts["lm_head_tiles"] == 4096 * 32768 * 4 * 2
     assert m["unfused_logits"] == 4 * 1024 * 256000 * (2 + 4 + 4)
     assert parts["lora_weights_grads_optimizer"] == shape.lora * 10
+    # bf16 compute: the tied 256k x 2048 embedding in bf16 (0.98 GiB), the norms in float32
+    assert shape.embeddings == 256000 * 2048 and 0 < shape.other - shape.embeddings < 100_000
+    assert parts["unquantized_weights"] == shape.embeddings * 2 + (shape.other - shape.embeddings) * 4
     assert m["activations_with_checkpointing"] < m["activations_without_checkpointing"]
     assert 4 * GB < m["total"] < 6 * GB
     single_quant = {"compute_dtype": "bfloat16", "double_quant": False}
     single = estimate_memory(validate_recipe({**raw, "quantization": single_quant}, "r"), shape, 1024)
     assert single["parts"]["quantization_constants"] > 3 * parts["quantization_constants"]
+    # float16 keeps peft's float32 upcast (fp16's range), and so a float32 residual stream
+    fp16 = estimate_memory(validate_recipe({**raw, "quantization": {"compute_dtype": "float16"}}, "r"), shape, 1024)
+    assert fp16["parts"]["unquantized_weights"] == shape.other * 4
+    residual = 18 * 4 * 1024 * 2048  # layers x tokens x hidden, the checkpointed layer inputs
+    assert fp16["activations_with_checkpointing"] - m["activations_with_checkpointing"] == residual * (4 - 2)
 
 
 def run_check(recipe_path, *args):

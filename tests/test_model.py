@@ -1,11 +1,13 @@
 """The real 4-bit path: bitsandbytes NF4 with double quantization, float32 LoRA adapters on top."""
 
+import json
 import re
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from qlora.check import check
 from qlora.errors import UserError
@@ -81,3 +83,27 @@ def test_several_visible_gpus_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(UserError, match="4 CUDA devices are visible .* CUDA_VISIBLE_DEVICES=0"):
         check_single_device()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama"], ids=["tied-head", "untied-head"])
+def test_training_keeps_embedding_and_head_in_the_compute_dtype_and_norms_in_float32(make_recipe, arch):
+    """peft's fp32 upcast is undone for the embedding and head only (README: "Embedding and LM head in bf16")."""
+
+    class Dtypes(TrainerCallback):  # what the trainer really trains, after its own casts
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            base = model.get_base_model()
+            self.embedding, self.head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+            self.norms = {p.dtype for n, p in base.named_parameters() if "norm" in n}
+            self.adapters = {p.dtype for p in model.parameters() if p.requires_grad}
+            self.linears = {m.weight.dtype for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    recipe = make_recipe(arch=arch)
+    compute = getattr(torch, resolve_recipe(recipe).quantization.compute_dtype)  # bf16 here, float32 without it
+    dtypes = Dtypes()
+    run = train(recipe, callbacks=[dtypes])
+    assert dtypes.embedding.dtype == dtypes.head.dtype == compute
+    assert (dtypes.head is dtypes.embedding) == (arch == "gemma")  # the cast kept Gemma's tie
+    assert dtypes.norms == {torch.float32} and dtypes.adapters == {torch.float32}
+    assert dtypes.linears == {torch.uint8}  # still NF4
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses) and losses[1] < losses[0]

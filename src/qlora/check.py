@@ -31,6 +31,7 @@ class ModelShape:
 
     quantized: int  # weights of the linear layers bitsandbytes quantizes (all but the output head)
     other: int  # embeddings, norms, an untied output head
+    embeddings: int  # of `other`: the input embedding and an untied output head
     lora: int  # trainable adapter parameters for the recipe's lora section
     hidden: int
     intermediate: int
@@ -50,7 +51,10 @@ def model_shape(recipe: Recipe) -> ModelShape:
         raise UserError(f"model.name_or_path: cannot read the config of {recipe.model.name_or_path!r}: {exc}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    head = model.get_output_embeddings()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    embeddings = embedding.weight.numel()
+    if head is not None and head.weight is not embedding.weight:
+        embeddings += head.weight.numel()
     targets = recipe.lora.target_modules
     quantized = lora = 0
     for name, module in model.named_modules():
@@ -61,7 +65,8 @@ def model_shape(recipe: Recipe) -> ModelShape:
             lora += recipe.lora.r * (module.in_features + module.out_features)
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", config)
-    return ModelShape(quantized=quantized, other=total - quantized, lora=lora, hidden=text.hidden_size,
+    return ModelShape(quantized=quantized, other=total - quantized, embeddings=embeddings, lora=lora,
+                      hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                       layers=text.num_hidden_layers, vocab=text.vocab_size)
 
@@ -76,13 +81,18 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str
     if q.load_in_4bit:
         weights = shape.quantized * 0.5
         constants = shape.quantized / NF4_BLOCK * (1 + 4 / NESTED_BLOCK if q.double_quant else 4)
-        other = shape.other * 4  # prepare_model_for_kbit_training upcasts non-quantized weights to float32
+        # add_lora: norms in float32 (peft's k-bit preparation); the embedding and head back in bf16 when bf16
+        # computes, float32 otherwise
+        embedding = compute if q.compute_dtype == "bfloat16" else 4
+        other = shape.embeddings * embedding + (shape.other - shape.embeddings) * 4
     else:
-        weights, constants, other = shape.quantized * compute, 0.0, shape.other * compute
+        weights, constants, embedding = shape.quantized * compute, 0.0, compute
+        other = shape.other * compute
     adapters = shape.lora * (4 + 4 + OPTIMIZER_BYTES[t.optimizer])  # fp32 weights, fp32 grads, optimizer state
     tokens = t.batch_size * longest
     per_layer_full = tokens * (14 * shape.hidden + 5 * shape.intermediate) * compute
-    with_ckpt = shape.layers * tokens * shape.hidden * compute + per_layer_full
+    # the checkpointed layer inputs are the residual stream, which has the embedding's dtype
+    with_ckpt = shape.layers * tokens * shape.hidden * embedding + per_layer_full
     without_ckpt = shape.layers * per_layer_full
     # the fused head keeps one fp32 tile of logits and its gradient alive, never the full tokens x vocab
     head = min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab, HEAD_TILE_VOCAB) * 4 * 2

@@ -301,6 +301,10 @@ def add_lora(model, recipe: Recipe):
 
     Adapter weights are kept in float32 whatever the compute dtype (bf16 is for the matmuls only):
     a bf16 adapter is cast differently by a fresh run and a resumed one, so they would diverge.
+    peft's k-bit preparation upcasts every frozen weight that is not 4-bit to float32. With bf16 compute the
+    embedding and LM head go back to bf16, as the QLoRA reference code does (the norms stay float32): Gemma-2B's
+    embedding takes 0.98 GiB instead of 1.95, steps run faster and the loss stays within the noise of dropout
+    (README, "Embedding and LM head in bf16").
     """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -311,6 +315,14 @@ def add_lora(model, recipe: Recipe):
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        # bf16 has float32's range, so only precision is at stake, and the measured loss did not move; float16
+        # (largest value 65504) keeps the float32 residual stream that an upcast embedding gives
+        if compute_torch_dtype(recipe.quantization) == torch.bfloat16:
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if embedding is not None:  # a tied head shares the embedding's weight: cast once, tie kept
+                    embedding.weight.data = embedding.weight.data.to(torch.bfloat16)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand back the float32 copies, as peft does after its own casts
     elif recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
