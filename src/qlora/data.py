@@ -8,6 +8,7 @@ so the tokens a model sees at inference are token-for-token the prefix it was tr
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import re
@@ -166,6 +167,7 @@ class BoundaryMerge(ValueError):
     """The tokenizer merges the end of a prompt into the reply that follows it (see encode_segments)."""
 
 
+@functools.lru_cache(maxsize=4)  # asked for every row and every reply in it: tokenize the probe once
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer starts every encoded text with its BOS (Llama, Gemma: yes; GPT-2 style: no)."""
     bos = tokenizer.bos_token_id

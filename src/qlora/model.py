@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from qlora.config import LoraSection, ModelSection, QuantizationSection, Recipe
 
 
+@functools.cache  # read by every dtype resolution; the CPU does not change
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 matmuls beat float32 ones."""
     try:
