@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from qlora.errors import RunFailed
+from qlora.files import fsync
 
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 RNG_TENSORS, RNG_JSON = "rng_state.safetensors", "rng_state.json"
@@ -55,15 +56,6 @@ def write_json(path: Path, value) -> None:
 
 def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def fsync(path: Path) -> None:
-    """Flush a file or directory to disk, so a rename never publishes data still in the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # a JSON object with one of these keys stands for what JSON has no word for (see save_state)

@@ -15,7 +15,8 @@ from typing import Any, Callable, TextIO
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt
 from qlora.errors import UserError
-from qlora.train import ADAPTER_DIR, RECIPE_FILE, console, write_atomic
+from qlora.files import write_atomic
+from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
 @dataclass

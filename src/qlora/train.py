@@ -16,6 +16,7 @@ from rich.console import Console
 from qlora.config import Recipe, dump_recipe, load_recipe
 from qlora.data import TEMPLATES, build_datasets, load_rows
 from qlora.errors import RunFailed, RunInterrupted, UserError
+from qlora.files import write_atomic
 from qlora.model import (add_lora, device_description, load_quantized_base, load_tokenizer, resolve_recipe,
                          save_tokenizer)
 
@@ -29,13 +30,6 @@ RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resum
 RESOLVED_KEYS = ("quantization.compute_dtype", "train.optimizer", "model.attn_implementation")
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling so a crash never leaves it half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> list[str]:

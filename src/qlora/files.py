@@ -1,0 +1,126 @@
+"""Files in and out: what users hand us is read as text or refused in one line; what we write is published
+atomically; what `--overwrite` may replace is fenced by a marker the writing command leaves.
+
+Line numbers in messages are 1-based (as editors show them); row numbers are 0-based positions in the file's
+list of rows (as `datasets` and pandas index them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from qlora.errors import UserError
+
+MARKER = ".qlora.json"  # in every directory a command wrote: {"written_by": command, ...}
+BINARY_PROBE = 8192  # bytes looked at for a NUL, which no text file holds
+
+
+def read_text(path: Path, what: str) -> str:
+    """A user's file as text: UTF-8, a leading BOM dropped. `what` names it in errors (e.g. "data.path").
+
+    A binary file or one in another encoding is refused with one line naming the file and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what}: {path} is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path} (relative to {Path.cwd()})")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if b"\0" in data[:BINARY_PROBE]:
+        raise UserError(f"{what}: {path} is a binary file, not text; give the {path.suffix or 'text'} file itself")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{what}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                        "save it as UTF-8") from None
+
+
+def jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """(1-based line number, line) of every non-blank line, split on "\\n" only: JSON strings may hold U+2028 and
+    other characters str.splitlines treats as line ends."""
+    return [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk, so a rename never publishes data still in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_sibling(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: `.NAME.tmp` next to it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a flushed temporary sibling, so a crash never leaves it half-written."""
+    tmp = tmp_sibling(path)
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final` once every file in it is on disk; a directory already at
+    `final` is replaced only after the new one is in place (moved aside, then removed)."""
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files before the directories holding them
+        fsync(path)
+    fsync(tmp)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_marker(directory: Path, command: str, **extra) -> None:
+    """Mark `directory` as written by `command`: the only kind of directory that command's --overwrite replaces."""
+    write_atomic(directory / MARKER, json.dumps({"written_by": command, **extra}, indent=1) + "\n")
+
+
+def read_marker(directory: Path) -> dict:
+    """The marker of a directory a qlora command wrote, or {} for any other path."""
+    try:
+        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def check_replaceable(path: Path, command: str, what: str, keep: list[Path] = ()) -> None:
+    """Raise UserError unless `command --overwrite` may delete `path`.
+
+    Only a directory marked as written by the same command qualifies (so never a run's own adapter/ or
+    checkpoints/), and never one that is or holds a path in `keep` (the run a merge reads, the data and model a
+    run trains on) or the working directory.
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        return
+    for kept in keep:
+        kept = Path(kept).resolve()
+        if kept.is_relative_to(path):
+            relation = "is" if path == kept else "holds"
+            raise UserError(f"{what}: {path} {relation} {kept}, which this command reads; choose a directory "
+                            "outside it")
+    if Path.cwd().resolve().is_relative_to(path):
+        raise UserError(f"{what}: {path} holds the working directory; choose another directory")
+    if not path.is_dir() or read_marker(path).get("written_by") != command:
+        kind = "a file" if not path.is_dir() else "not a directory `qlora " + command + "` wrote"
+        raise UserError(f"{what}: {path} exists and is {kind}, so --overwrite will not delete it; "
+                        "choose another path or remove it yourself")
