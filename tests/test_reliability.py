@@ -100,7 +100,7 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_without_pickle(ma
         monkeypatch.setattr(module, name, refuse)
     train(make_recipe(train={"max_steps": 4}))  # resumes from checkpoint-2
 
-    files = [p for p in run.rglob("*") if p.is_file()]
+    files = [p for p in run.rglob("*") if p.is_file() and p.name != ".lock"]  # .lock: the PID of a train using it
     # README.md is peft's model card (text), tokenizer.model a SentencePiece protobuf; nothing is a pickle or a torch zip
     assert {p.suffix for p in files} <= {".safetensors", ".json", ".jsonl", ".yaml", ".md", ".model"}
     assert not [p for p in files if p.read_bytes()[:1] == b"\x80" or p.read_bytes()[:2] == b"PK"]
@@ -294,7 +294,7 @@ def test_a_signal_before_the_training_loop_exits_at_once(make_recipe, monkeypatc
     with pytest.raises(SystemExit) as exited:
         train(recipe)
     assert exited.value.code == 130
-    assert names(Path(recipe.train.output_dir)) == ["environment.json", "recipe.yaml"]
+    assert names(Path(recipe.train.output_dir)) == [".lock", ".qlora.json", "environment.json", "recipe.yaml"]
 
 
 def start(recipe_file, stderr_file):

@@ -82,13 +82,16 @@ def test_each_architecture_trains_and_generates(make_recipe, arch):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
-def test_an_existing_run_is_resumed_or_with_overwrite_started_over(make_recipe, capsys):
+def test_an_existing_run_is_extended_or_with_overwrite_started_over(make_recipe, capsys):
     recipe = make_recipe(train={"max_steps": 1, "save_steps": 1})
     run = train(recipe)
-    assert train(recipe) == run  # resumed at its last step: nothing left to train
+    longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 2})})
+    assert train(longer) == run
     assert f"resuming from {run / 'checkpoints/checkpoint-1'}" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
     assert train(recipe, overwrite=True) == run
     assert "resuming" not in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1"]
 
 
 def test_a_non_empty_directory_that_is_not_a_run_is_never_touched(make_recipe, tmp_path):
@@ -96,6 +99,8 @@ def test_a_non_empty_directory_that_is_not_a_run_is_never_touched(make_recipe, t
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a qlora run"):
+    with pytest.raises(UserError, match="not a directory `qlora train` wrote, so --overwrite will not delete it"):
         train(recipe, overwrite=True)
+    with pytest.raises(UserError, match="not a qlora run"):
+        train(recipe)
     assert (run / "notes.txt").read_text() == "mine"

@@ -9,11 +9,14 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qlora.config import Recipe
-from qlora.data import IGNORE_INDEX, TEMPLATES, DataReport, find_invalid, load_rows, tokenize_rows
+from qlora.data import (IGNORE_INDEX, TEMPLATES, DataReport, Template, build_datasets, is_local_path, load_rows,
+                        tokenize_rows)
 from qlora.errors import UserError
+from qlora.rundir import RunPlan, data_fingerprint, plan_run, refuse_if_locked
 
 GB = 1024**3
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
@@ -57,18 +60,35 @@ def model_shape(recipe: Recipe) -> ModelShape:
         embeddings += head.weight.numel()
     targets = recipe.lora.target_modules
     quantized = lora = 0
+    linear_names = set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         quantized += module.weight.numel()
+        linear_names.add(name.rsplit(".", 1)[-1])
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             lora += recipe.lora.r * (module.in_features + module.out_features)
+    check_module_names(model, recipe, sorted(linear_names))
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", config)
     return ModelShape(quantized=quantized, other=total - quantized, embeddings=embeddings, lora=lora,
                       hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                       layers=text.num_hidden_layers, vocab=text.vocab_size)
+
+
+def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
+    """lora.target_modules and lora.modules_to_save must each name a module of the model (peft matches the
+    last part of a module's dotted name); a misspelt one would train less than the recipe says, or fail later."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [] if recipe.lora.target_modules == "all-linear" else recipe.lora.target_modules
+    for key, wanted, kind, valid in (("lora.target_modules", targets, "linear layers", linear_names),
+                                     ("lora.modules_to_save", recipe.lora.modules_to_save, "modules",
+                                      sorted(names - {""}))):
+        missing = [name for name in wanted if name not in names]
+        if missing:
+            raise UserError(f"{key}: {', '.join(missing)} matches no layer of {recipe.model.name_or_path}; "
+                            f"its {kind} are {', '.join(valid)}")
 
 
 def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str, Any]:
@@ -176,33 +196,61 @@ def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]
     return out
 
 
-def check(recipe: Recipe) -> CheckReport:
-    """Everything `qlora check` reports; `errors` lists what would stop `qlora train` (exit 2).
+@dataclass
+class Preflight:
+    """A recipe that passed every check `train` runs before it writes: resolved for this machine, with its rows,
+    tokenizer, template, model shape and what train will do with its run directory."""
 
-    The recipe is resolved for this machine first, exactly as `train` resolves it.
-    """
-    from qlora.model import device_description, load_tokenizer, resolve_recipe
+    recipe: Recipe
+    rows: list[Any]
+    tokenizer: Any
+    template: Template
+    shape: ModelShape
+    fingerprint: str  # of the training and eval rows
+    keep: list[Path]  # local paths the run reads, which --overwrite must never delete
+    plan: RunPlan
+
+
+def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
+    """Run every check `train` runs before writing anything (UserError on the first failure): the one validation
+    path `check` and `train` share. Tokenizing the rows (data.build_datasets) comes after it in both."""
+    from qlora.model import load_tokenizer, resolve_recipe
 
     recipe = resolve_recipe(recipe)
-    data = recipe.data
+    data, model = recipe.data, recipe.model
     rows = load_rows(data)
-    tokenizer = load_tokenizer(recipe.model)
-    template = TEMPLATES[data.template]
+    eval_rows = load_rows(data, data.eval_path) if data.eval_path else None
+    tokenizer = load_tokenizer(model)
+    shape = model_shape(recipe)
+    keep = [Path(p) for p in (data.path, data.eval_path) if p and is_local_path(p)]
+    keep += [Path(model.name_or_path)] if Path(model.name_or_path).is_dir() else []
+    refuse_if_locked(Path(recipe.train.output_dir))
+    fingerprint = data_fingerprint(rows, eval_rows)
+    plan = plan_run(recipe, fingerprint, overwrite, keep)
+    return Preflight(recipe, rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan)
+
+
+def check(recipe: Recipe, overwrite: bool = False) -> CheckReport:
+    """Everything `qlora check` reports; `errors` lists what would stop `qlora train` (exit 2).
+
+    It runs train's own checks (preflight, then tokenizing with data.build_datasets); on a refusal it reports
+    on every row that could be trained, whatever the policy says.
+    """
+    from qlora.model import device_description
+
+    pre = preflight(recipe, overwrite)
+    recipe, data, tokenizer, template = pre.recipe, pre.recipe.data, pre.tokenizer, pre.template
     errors = []
-    try:  # the very check train runs first
-        find_invalid(rows, data, DataReport(source=data.path, rows_total=len(rows)))
+    try:
+        train_set, _, report = build_datasets(recipe, pre.rows, tokenizer, template)
+        ids, labels = train_set["input_ids"][:2], train_set["labels"][:2]
     except UserError as exc:
         errors.append(str(exc))
-    # report on everything that can be trained, whatever the policy says
-    lenient = data.model_copy(update={"skip_invalid": True, "max_invalid_fraction": 1.0,
-                                      "too_long": "drop" if data.too_long == "error" else data.too_long})
-    ids, labels, report = tokenize_rows(rows, tokenizer, template, lenient, data.path)
-    if data.too_long == "error" and report.dropped_too_long:
-        errors.append(f"{data.path}: {len(report.dropped_too_long)} rows are longer than data.max_length="
-                      f"{data.max_length} (first: row {report.dropped_too_long[0]}); raise max_length or set "
-                      "data.too_long to drop or truncate")
+        lenient = data.model_copy(update={"skip_invalid": True, "max_invalid_fraction": 1.0,
+                                          "too_long": "drop" if data.too_long == "error" else data.too_long})
+        ids, labels, report = tokenize_rows(pre.rows, tokenizer, template, lenient, data.path)
     lengths = report.lengths
-    shape = model_shape(recipe)
+    shape = pre.shape
     ordered = sorted(lengths)
     return CheckReport(
         data=report,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -25,28 +24,10 @@ from trl import SFTTrainer
 
 from qlora.errors import RunFailed
 from qlora.files import fsync
+from qlora.rundir import (OPTIMIZER_JSON, OPTIMIZER_TENSORS, RNG_JSON, RNG_TENSORS, SCALER_JSON, SCHEDULER_JSON,
+                          TRAINER_STATE_JSON, complete_checkpoints)
 
-OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
-RNG_TENSORS, RNG_JSON = "rng_state.safetensors", "rng_state.json"
-SCHEDULER_JSON, SCALER_JSON, TRAINER_STATE_JSON = "scheduler.json", "scaler.json", "trainer_state.json"
-# present in every complete checkpoint (scaler.json only with fp16)
-CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", OPTIMIZER_TENSORS, OPTIMIZER_JSON,
-                    SCHEDULER_JSON, RNG_TENSORS, RNG_JSON, TRAINER_STATE_JSON)
 MAX_OVERFLOWS = 20  # fp16 loss-scale overflows in a row that mean a diverged run (2^16 / 2^20 < 1)
-CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoint-N directories in `directory`, oldest step first."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir()
-             if CHECKPOINT_NAME.fullmatch(p.name) and all((p / name).is_file() for name in CHECKPOINT_FILES)]
-    return sorted(found, key=checkpoint_step)
 
 
 def write_json(path: Path, value) -> None:

@@ -19,7 +19,8 @@ from rich.console import Console
 from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt
 from qlora.errors import UserError
-from qlora.train import ADAPTER_DIR, RECIPE_FILE
+from qlora.files import check_replaceable, publish_dir, tmp_sibling, write_marker
+from qlora.rundir import ADAPTER_DIR, RECIPE_FILE
 
 console = Console(stderr=True)
 
@@ -71,12 +72,18 @@ def chat_template(template: Template, add_bos: bool) -> str:
     )
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise UserError(f"--output {output} exists and is not empty; pass --overwrite or choose another directory")
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+def check_output(run: Path, output: Path, overwrite: bool, keep: list[Path]) -> None:
+    """--output must be new, an empty directory, or (with --overwrite) a merged model an earlier merge wrote;
+    never the run, a directory holding it, or anything else."""
+    if run.resolve().is_relative_to(output.resolve()):
+        relation = "is" if run.resolve() == output.resolve() else "holds"
+        raise UserError(f"--output {output} {relation} the run {run}; choose another directory, e.g. {run / 'merged'}")
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not overwrite:
+        raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace a model an earlier "
+                        "merge wrote, or choose another directory")
+    check_replaceable(output, "merge", "--output", keep)
 
 
 def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):
@@ -111,9 +118,12 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     run, output = Path(run), Path(output)
     if not (run / RECIPE_FILE).is_file() or not (run / ADAPTER_DIR / "adapter_config.json").is_file():
         raise UserError(f"{run}: not a finished qlora run (needs {RECIPE_FILE} and {ADAPTER_DIR}/)")
-    tmp = _prepare_output(output, overwrite)
+    recipe = load_recipe(run / RECIPE_FILE)
+    base_dir = Path(recipe.model.name_or_path)
+    check_output(run, output, overwrite, [run, *([base_dir] if base_dir.is_dir() else [])])
+    tmp = tmp_sibling(output)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        recipe = load_recipe(run / RECIPE_FILE)
         dtype = dtype or resolve_compute_dtype(recipe.quantization.compute_dtype)
         model = load_merged_model(run, recipe, base, dtype)
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
@@ -134,9 +144,8 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
         (tmp / "README.md").write_text(model_card(recipe, base, dtype), encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        write_marker(tmp, "merge", run=str(run.resolve()))
+        publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -95,6 +95,27 @@ def resolve_attention(model: ModelSection) -> str:
     return "sdpa" if model_class._supports_sdpa else "eager"
 
 
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "trackio": ("trackio",)}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """train.report_to: each tracker's package must be installed (transformers fails at the first log otherwise)."""
+    for tracker in report_to:
+        if not any(importlib.util.find_spec(module) for module in TRACKER_MODULES[tracker]):
+            raise UserError(f"train.report_to: {tracker} is not installed: pip install {TRACKER_MODULES[tracker][0]}, "
+                            "or remove it (metrics.jsonl is always written)")
+
+
+def absolute_data_paths(data):
+    """data.path and data.eval_path as absolute paths where local, so a resume works from any directory."""
+    from qlora.data import is_local_path
+
+    update = {key: str(Path(value).expanduser().resolve()) for key in ("path", "eval_path")
+              if (value := getattr(data, key)) and is_local_path(value)}
+    return data.model_copy(update=update)
+
+
 def check_single_device() -> None:
     """Refuse set-ups qlora cannot train on correctly yet: several processes or several visible GPUs."""
     import torch
@@ -119,13 +140,14 @@ def device_description() -> str:
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as this machine will run it: auto settings made concrete, a local model path made absolute.
+    """The recipe as this machine will run it: auto settings made concrete, local model and data paths made absolute.
 
     `train` records the result in the run's recipe.yaml, so a resume on a machine that would choose
     differently is refused naming the key, and generate and merge use the dtype the adapter was trained in.
     Raises UserError where the machine cannot run the recipe (shared by `check` and `train`).
     """
     check_single_device()
+    check_trackers(recipe.train.report_to)
     model, q, t = recipe.model, recipe.quantization, recipe.train
     model_path = Path(model.name_or_path).expanduser()
     if model_path.is_dir():
@@ -133,7 +155,8 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
     quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
     train = t.model_copy(update={"optimizer": resolve_optimizer(t.optimizer)})
-    return recipe.model_copy(update={"model": model, "quantization": quantization, "train": train})
+    return recipe.model_copy(update={"model": model, "quantization": quantization, "train": train,
+                                     "data": absolute_data_paths(recipe.data)})
 
 
 def torch_dtype(name: str):

@@ -12,98 +12,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from qlora.config import Recipe, dump_recipe, load_recipe
-from qlora.data import TEMPLATES, build_datasets, load_rows
+from qlora.check import Preflight, preflight
+from qlora.config import Recipe, dump_recipe
+from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError
-from qlora.files import write_atomic
-from qlora.model import (add_lora, device_description, load_quantized_base, load_tokenizer, resolve_recipe,
-                         save_tokenizer)
-
-RECIPE_FILE = "recipe.yaml"
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-ENVIRONMENT_FILE = "environment.json"
-RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resumed run may change
-# keys whose `auto` recipe.yaml records as this machine resolved it (see model.resolve_recipe)
-RESOLVED_KEYS = ("quantization.compute_dtype", "train.optimizer", "model.attn_implementation")
+from qlora.files import publish_dir, tmp_sibling, write_atomic
+from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer
+from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE, RECIPE_FILE,
+                          apply_plan, checkpoint_step, complete_checkpoints, mark_complete, plan_run, record_environment,
+                          run_lock)
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
-
-
-def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
-    """`key (old -> new)` for every recipe key whose value differs, the run length aside."""
-    before, after = ({f"{section}.{key}": value for section, values in r.model_dump(mode="json").items()
-                      for key, value in values.items()} for r in (old, new))
-    return [f"{key} ({json.dumps(before.get(key))} -> {json.dumps(after.get(key))})"
-            for key in dict.fromkeys([*before, *after])
-            if key not in RUN_LENGTH and before.get(key) != after.get(key)]
-
-
-def remove_leftovers(run: Path) -> None:
-    """Delete what interrupted writes left behind: `.NAME.tmp` siblings and incomplete checkpoints."""
-    from qlora.checkpoint import complete_checkpoints
-
-    complete = set(complete_checkpoints(run / CHECKPOINT_DIR))
-    for path in [*run.glob(".*.tmp"), *(p for p in (run / CHECKPOINT_DIR).glob("*") if p not in complete)]:
-        console.print(f"removing {path}, left by an interrupted write")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Keep the metrics.jsonl lines up to `step`, so a resumed run continues the file without repeats."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    write_atomic(path, "".join(kept))
-
-
-def prepare_run_dir(run: Path, recipe: Recipe, overwrite: bool) -> Path | None:
-    """Make `run` ready to train into; return the checkpoint to resume from (None: start at step 0).
-
-    A missing or empty directory starts a run; so does a qlora run with `overwrite`, after clearing it.
-    A qlora run whose recipe differs only in the run length is resumed from its newest complete
-    checkpoint, after removing leftovers and the metrics logged past it. Anything else is refused untouched.
-    """
-    from qlora.checkpoint import checkpoint_step, complete_checkpoints
-
-    if run.exists() and not run.is_dir():
-        raise UserError(f"train.output_dir: {run} is a file, not a directory")
-    if run.exists() and any(run.iterdir()):
-        if not (run / RECIPE_FILE).is_file():
-            raise UserError(f"train.output_dir: {run} is not empty and is not a qlora run; choose another directory")
-        if not overwrite:
-            changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
-            if changes:
-                resolved = [key for key in RESOLVED_KEYS if any(c.startswith(key + " ") for c in changes)]
-                hint = (f" ({', '.join(resolved)} as this machine resolves them: set the run's values in the recipe "
-                        "to continue it here)" if resolved else "")
-                raise UserError(f"train.output_dir: {run} holds a run with another recipe: {', '.join(changes)}"
-                                f"{hint}. Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite "
-                                "to start over or set another train.output_dir")
-            checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
-            resume = checkpoints[-1] if checkpoints else None
-            step = checkpoint_step(resume) if resume else 0
-            if recipe.train.max_steps and recipe.train.max_steps < step:
-                raise UserError(f"train.max_steps={recipe.train.max_steps}: {run} is already at step {step}; "
-                                "train longer, or pass --overwrite to start over")
-            remove_leftovers(run)
-            drop_metrics_after(run / METRICS_FILE, step)
-            console.print(f"resuming from {resume} (step {step})" if resume
-                          else f"{run} holds no complete checkpoint yet: training from step 0")
-            return resume
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 @contextmanager
@@ -114,8 +33,6 @@ def write_failures(run: Path):
     try:
         yield
     except (OSError, SafetensorError) as exc:
-        from qlora.checkpoint import complete_checkpoints
-
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         kept = complete_checkpoints(run / CHECKPOINT_DIR)
@@ -131,8 +48,6 @@ def out_of_memory_hint(recipe: Recipe):
     try:
         yield
     except torch.OutOfMemoryError:
-        from qlora.checkpoint import complete_checkpoints
-
         t, d = recipe.train, recipe.data
         kept = complete_checkpoints(Path(t.output_dir) / CHECKPOINT_DIR)
         resume = f"; rerun resumes from {kept[-1]}" if kept else ""
@@ -179,20 +94,6 @@ class SignalStop:
             raise SystemExit(128 + signum)
         self.signum = signum
         console.print(f"{name}: finishing this step and writing a checkpoint (send it again to exit at once)")
-
-
-def record_environment(path: Path, resume: Path | None) -> None:
-    """Append where and with what this (re)start of the run trains to environment.json; say if the device moved."""
-    from importlib.metadata import version
-
-    from qlora.checkpoint import checkpoint_step
-
-    starts = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else []
-    entry = {"step": checkpoint_step(resume) if resume else 0, "device": device_description(),
-             **{name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}}
-    if starts and starts[-1]["device"] != entry["device"]:
-        console.print(f"note: the run trained on {starts[-1]['device']} and continues on {entry['device']}")
-    write_atomic(path, json.dumps([*starts, entry], indent=1) + "\n")
 
 
 def make_metrics_callback(path: Path):
@@ -281,65 +182,87 @@ def sft_config(recipe: Recipe, run: Path):
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = None) -> Path:
-    """Train the recipe's adapter and return the run directory; a run already there is resumed.
+    """Train the recipe's adapter and return the run directory; a run already there is resumed, or finished
+    from its last checkpoint, or left as it is when complete.
 
-    `callbacks` are extra transformers TrainerCallbacks (for scripts and tests). Raises RunFailed on a
-    non-finite loss or a failed write, RunInterrupted after SIGINT / SIGTERM (once a checkpoint is written).
+    `callbacks` are extra transformers TrainerCallbacks (for scripts and tests). Raises UserError before
+    writing anything when `qlora check` would exit 2, RunFailed on a non-finite loss or a failed write,
+    RunInterrupted after SIGINT / SIGTERM (once a checkpoint is written).
     """
     stop = SignalStop()  # before _train's imports, which take seconds in which a signal would be lost
     with stop.installed():
         return _train(recipe, overwrite, callbacks or [], stop)
 
 
+def write_adapter(run: Path, checkpoint: Path, pre: Preflight) -> None:
+    """Publish adapter/ from a checkpoint's adapter, with the tokenizer and template: atomic and fsynced."""
+    tmp = tmp_sibling(run / ADAPTER_DIR)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ADAPTER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, tmp / name)
+    save_tokenizer(pre.tokenizer, pre.recipe.model, tmp)
+    pre.template.save(tmp)
+    publish_dir(tmp, run / ADAPTER_DIR)
+
+
 def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -> Path:
     from transformers import set_seed
 
-    from qlora.checkpoint import QLoRATrainer, StopAtSignal, complete_checkpoints
+    from qlora.checkpoint import QLoRATrainer, StopAtSignal
 
-    recipe = resolve_recipe(recipe)
-    run = Path(recipe.train.output_dir)
-    template = TEMPLATES[recipe.data.template]
-    rows = load_rows(recipe.data)  # a missing data file is reported before any download
-    tokenizer = load_tokenizer(recipe.model)
-    dataset, eval_dataset, report = build_datasets(recipe, rows, tokenizer, template)
+    pre = preflight(recipe, overwrite)  # every check `qlora check` runs; nothing is written before it passes
+    recipe, run = pre.recipe, Path(pre.recipe.train.output_dir)
+    if pre.plan.action == "complete":
+        console.print(f"{run} is complete at step {pre.plan.step}: nothing to do (raise train.max_steps or "
+                      "train.epochs to train on, or pass --overwrite to start over)")
+        return run
+    dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.tokenizer, pre.template)
     console.print(f"data: {report.summary()}")
 
-    with write_failures(run):
-        resume = prepare_run_dir(run, recipe, overwrite)
+    with write_failures(run), run_lock(run):
+        plan = plan_run(recipe, pre.fingerprint, overwrite, pre.keep)  # again, now that no other train can move it
+        if plan.action != pre.plan.action:
+            raise UserError(f"train.output_dir: {run} changed while this command prepared (another qlora train?); "
+                            "run the command again")
+        if plan.action == "finish":
+            console.print(f"{plan.checkpoint} is the end of the run but adapter/ was not written: writing it")
+            write_adapter(run, plan.checkpoint, pre)
+            mark_complete(run, recipe, plan.step)
+            console.print(f"[green]done:[/] adapter saved to {run / ADAPTER_DIR}")
+            return run
+        apply_plan(run, plan, pre.fingerprint)
+        console.print(f"resuming from {plan.checkpoint} (step {plan.step})" if plan.action == "resume"
+                      else f"starting {run}")
         write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
-        record_environment(run / ENVIRONMENT_FILE, resume)
-    q = recipe.quantization
-    console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {recipe.train.optimizer}, "
-                  f"attention {recipe.model.attn_implementation}")
-    console.print(f"loading {recipe.model.name_or_path} "
-                  f"({'4-bit ' + recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'full precision'})")
-    set_seed(recipe.train.seed)  # the adapter's initial weights too, so a run can be repeated exactly
-    model = add_lora(load_quantized_base(recipe), recipe)
-    trainable, total = model.get_nb_trainable_parameters()
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
+        record_environment(run / ENVIRONMENT_FILE, plan.step, device_description())
+        q = recipe.quantization
+        console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {recipe.train.optimizer}, "
+                      f"attention {recipe.model.attn_implementation}")
+        console.print(f"loading {recipe.model.name_or_path} "
+                      f"({'4-bit ' + q.quant_type if q.load_in_4bit else 'full precision'})")
+        set_seed(recipe.train.seed)  # the adapter's initial weights too, so a run can be repeated exactly
+        model = add_lora(load_quantized_base(recipe), recipe)
+        trainable, total = model.get_nb_trainable_parameters()
+        console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
-    trainer = QLoRATrainer(
-        model=model,
-        args=sft_config(recipe, run),
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
-    )
-    with write_failures(run), out_of_memory_hint(recipe):
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop.signum is not None:
-        raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {trainer.state.global_step}: "
-                             f"{complete_checkpoints(run / CHECKPOINT_DIR)[-1]} is complete; "
-                             "run the same command to resume", stop.signum)
-
-    with write_failures(run):
-        tmp = run / f".{ADAPTER_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, recipe.model, tmp)
-        template.save(tmp)
-        shutil.rmtree(run / ADAPTER_DIR, ignore_errors=True)
-        tmp.rename(run / ADAPTER_DIR)
+        trainer = QLoRATrainer(
+            model=model,
+            args=sft_config(recipe, run),
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            processing_class=pre.tokenizer,
+            callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
+        )
+        with out_of_memory_hint(recipe):
+            trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.action == "resume" else None)
+        final = complete_checkpoints(run / CHECKPOINT_DIR)[-1]
+        if stop.signum is not None:
+            raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {trainer.state.global_step}: "
+                                 f"{final} is complete; run the same command to resume", stop.signum)
+        # the trainer saves a checkpoint at the last step (save_strategy "steps"): the adapter is that one's
+        write_adapter(run, final, pre)
+        mark_complete(run, recipe, checkpoint_step(final))
     console.print(f"[green]done:[/] adapter saved to {run / ADAPTER_DIR}")
     return run

@@ -1,0 +1,238 @@
+"""The run directory: its layout, its marker and lock, and what `train` will do with it (start, resume, finish,
+or nothing), decided before anything is written."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from qlora.config import Recipe, load_recipe
+from qlora.errors import UserError
+from qlora.files import check_replaceable, read_marker, write_atomic, write_marker
+
+RECIPE_FILE = "recipe.yaml"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+ENVIRONMENT_FILE = "environment.json"
+LOCK_FILE = ".lock"  # flock()ed by the `train` using the run; holds its PID
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft saves
+RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resumed run may change
+# keys whose `auto` recipe.yaml records as this machine resolved it (see model.resolve_recipe)
+RESOLVED_KEYS = ("quantization.compute_dtype", "train.optimizer", "model.attn_implementation")
+OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
+RNG_TENSORS, RNG_JSON = "rng_state.safetensors", "rng_state.json"
+SCHEDULER_JSON, SCALER_JSON, TRAINER_STATE_JSON = "scheduler.json", "scaler.json", "trainer_state.json"
+# present in every complete checkpoint (scaler.json only with fp16)
+CHECKPOINT_FILES = (*ADAPTER_FILES[:2], OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON, RNG_TENSORS, RNG_JSON,
+                    TRAINER_STATE_JSON)
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR and the step
+
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoint-N directories in `directory`, oldest step first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir()
+             if CHECKPOINT_NAME.fullmatch(p.name) and all((p / name).is_file() for name in CHECKPOINT_FILES)]
+    return sorted(found, key=checkpoint_step)
+
+
+def data_fingerprint(rows: list[Any], eval_rows: list[Any] | None) -> str:
+    """sha256 of the training (and eval) rows as loaded: a resume on changed data is refused."""
+    digest = hashlib.sha256()
+    for part in (rows, eval_rows or []):
+        digest.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return digest.hexdigest()
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
+    """`key (old -> new)` for every recipe key whose value differs, the run length aside."""
+    before, after = ({f"{section}.{key}": value for section, values in r.model_dump(mode="json").items()
+                      for key, value in values.items()} for r in (old, new))
+    return [f"{key} ({json.dumps(before.get(key))} -> {json.dumps(after.get(key))})"
+            for key in dict.fromkeys([*before, *after])
+            if key not in RUN_LENGTH and before.get(key) != after.get(key)]
+
+
+def lock_holder(run: Path) -> int | None:
+    """The PID of a `train` holding the run's lock, or None when it is free (a dead holder never holds it)."""
+    path = run / LOCK_FILE
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)  # releases a lock taken here
+
+
+def refuse_if_locked(run: Path) -> None:
+    pid = lock_holder(run)
+    if pid is not None:
+        holder = f"PID {pid}" if pid > 0 else "another process"
+        raise UserError(f"train.output_dir: {run} is in use by a running `qlora train` ({holder}); wait for it to "
+                        "finish, stop it, or set another train.output_dir")
+
+
+@contextmanager
+def run_lock(run: Path):
+    """Hold the run's lock while training: a second `train` on the run exits 2 at once, naming this PID.
+
+    flock() locks die with their process, so a crash or kill -9 never leaves the run locked.
+    """
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refuse_if_locked(run)
+            raise  # the holder exited between the two looks: let the user retry
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_target_reached(recipe: Recipe, checkpoint: Path) -> bool:
+    """Whether `checkpoint` is the end of the run the recipe asks for (max_steps, else its epochs)."""
+    state = json.loads((checkpoint / TRAINER_STATE_JSON).read_text(encoding="utf-8"))
+    if recipe.train.max_steps:
+        return state["global_step"] >= recipe.train.max_steps
+    return state.get("num_train_epochs") == recipe.train.epochs and state["global_step"] >= state["max_steps"]
+
+
+@dataclass
+class RunPlan:
+    """What `train` does with its run directory."""
+
+    action: Literal["start", "resume", "finish", "complete"]
+    checkpoint: Path | None = None  # resume from it / write the adapter from it
+    step: int = 0
+
+
+def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]) -> RunPlan:
+    """Decide, without writing anything, how `train` treats train.output_dir; UserError where it must refuse.
+
+    Missing or empty: start. --overwrite on a run this command wrote (never one holding `keep`, the data
+    and model it reads): start over. A run with the same recipe (the run length aside) and data: complete
+    when it finished this run length, finish when its newest checkpoint is the end but the adapter was not
+    written, else resume from that checkpoint. Anything else is refused.
+    """
+    run = Path(recipe.train.output_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"train.output_dir: {run} is a file, not a directory")
+    if not run.exists() or not any(p.name != LOCK_FILE for p in run.iterdir()):
+        return RunPlan("start")
+    marker = read_marker(run)
+    if overwrite:
+        check_replaceable(run, "train", "train.output_dir", keep)
+        return RunPlan("start")
+    if marker.get("written_by") != "train" or not (run / RECIPE_FILE).is_file():
+        raise UserError(f"train.output_dir: {run} is not empty and is not a qlora run; choose another directory")
+    changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
+    if changes:
+        resolved = [key for key in RESOLVED_KEYS if any(c.startswith(key + " ") for c in changes)]
+        hint = (f" ({', '.join(resolved)} as this machine resolves them: set the run's values in the recipe "
+                "to continue it here)" if resolved else "")
+        raise UserError(f"train.output_dir: {run} holds a run with another recipe: {', '.join(changes)}{hint}. "
+                        f"Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite to start over "
+                        "or set another train.output_dir")
+    if marker.get("data") != fingerprint:
+        raise UserError(f"data.path: the rows differ from those {run} was trained on (sha256 {marker.get('data')}); "
+                        "restore the data, or pass --overwrite to start over, or set another train.output_dir")
+    checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
+    newest = checkpoints[-1] if checkpoints else None
+    step = checkpoint_step(newest) if newest else 0
+    t = recipe.train
+    if t.max_steps and t.max_steps < step:
+        raise UserError(f"train.max_steps={t.max_steps}: {run} is already at step {step}; train longer, or pass "
+                        "--overwrite to start over")
+    done = marker.get("complete")
+    if done and done["max_steps"] == t.max_steps and done["epochs"] == t.epochs and (run / ADAPTER_DIR).is_dir():
+        return RunPlan("complete", newest, done["step"])
+    if newest and run_target_reached(recipe, newest):
+        return RunPlan("finish", newest, step)
+    return RunPlan("resume" if newest else "start", newest, step)
+
+
+def remove_leftovers(run: Path) -> None:
+    """Delete what interrupted writes left behind: `.NAME.tmp` / `.NAME.old` siblings and incomplete checkpoints."""
+    complete = set(complete_checkpoints(run / CHECKPOINT_DIR))
+    leftovers = [*run.glob(".*.tmp"), *run.glob(".*.old"),
+                 *(p for p in (run / CHECKPOINT_DIR).glob("*") if p not in complete)]
+    for path in leftovers:
+        console.print(f"removing {path}, left by an interrupted write")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl lines up to `step`, so a resumed run continues the file without repeats."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line cut short by a crash, or the empty string after the last "\n"
+            continue
+    write_atomic(path, "".join(kept))
+
+
+def apply_plan(run: Path, plan: RunPlan, fingerprint: str) -> None:
+    """Make the (locked) run directory ready for `plan`: cleared and marked for a start, tidied for a resume."""
+    if plan.action == "start":
+        for path in run.iterdir():
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        write_marker(run, "train", data=fingerprint)
+        return
+    remove_leftovers(run)
+    drop_metrics_after(run / METRICS_FILE, plan.step)
+
+
+def mark_complete(run: Path, recipe: Recipe, step: int) -> None:
+    """Record that the run finished `step` steps for the recipe's run length: the same command is then a no-op."""
+    t = recipe.train
+    marker = read_marker(run)
+    kept = {k: v for k, v in marker.items() if k not in ("written_by", "complete")}
+    write_marker(run, "train", **kept, complete={"step": step, "max_steps": t.max_steps, "epochs": t.epochs})
+
+
+def record_environment(path: Path, step: int, device: str) -> None:
+    """Append where and with what this (re)start of the run trains to environment.json; say if the device moved."""
+    from importlib.metadata import version
+
+    starts = json.loads(path.read_text(encoding="utf-8")) if step and path.is_file() else []
+    entry = {"step": step, "device": device,
+             **{name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}}
+    if starts and starts[-1]["device"] != entry["device"]:
+        console.print(f"note: the run trained on {starts[-1]['device']} and continues on {entry['device']}")
+    write_atomic(path, json.dumps([*starts, entry], indent=1) + "\n")
+
