@@ -244,11 +244,14 @@ def check(recipe: Recipe, overwrite: bool = False) -> CheckReport:
     try:
         train_set, _, report = build_datasets(recipe, pre.rows, tokenizer, template)
         ids, labels = train_set["input_ids"][:2], train_set["labels"][:2]
-    except UserError as exc:
-        errors.append(str(exc))
+    except UserError as refused:
+        errors.append(str(refused))
         lenient = data.model_copy(update={"skip_invalid": True, "max_invalid_fraction": 1.0,
                                           "too_long": "drop" if data.too_long == "error" else data.too_long})
-        ids, labels, report = tokenize_rows(pre.rows, tokenizer, template, lenient, data.path)
+        try:
+            ids, labels, report = tokenize_rows(pre.rows, tokenizer, template, lenient, data.path)
+        except UserError:  # nothing trainable to report on: train's own refusal is the answer
+            raise refused from None
     lengths = report.lengths
     shape = pre.shape
     ordered = sorted(lengths)

@@ -140,7 +140,8 @@ def device_description() -> str:
 
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as this machine will run it: auto settings made concrete, local model and data paths made absolute.
+    """The recipe as this machine will run it: auto settings made concrete; local model and data paths and the
+    output directory made absolute, so `qlora train RUN/recipe.yaml` resumes the run from any directory.
 
     `train` records the result in the run's recipe.yaml, so a resume on a machine that would choose
     differently is refused naming the key, and generate and merge use the dtype the adapter was trained in.
@@ -154,7 +155,8 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
         model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
     model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
     quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
-    train = t.model_copy(update={"optimizer": resolve_optimizer(t.optimizer)})
+    train = t.model_copy(update={"optimizer": resolve_optimizer(t.optimizer),
+                                 "output_dir": str(Path(t.output_dir).expanduser().resolve())})
     return recipe.model_copy(update={"model": model, "quantization": quantization, "train": train,
                                      "data": absolute_data_paths(recipe.data)})
 

@@ -1,0 +1,167 @@
+"""The run directory's life: a finished run is left alone, a crash in the final save is finished from the last
+checkpoint, a run in use is locked, --overwrite replaces only what qlora wrote, and `check` refuses exactly what
+`train` refuses, before anything is written."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROW, ROW_WITH_INPUT
+from typer.testing import CliRunner
+
+from qlora.check import check
+from qlora.cli import app
+from qlora.errors import RunFailed, UserError
+from qlora.rundir import lock_holder
+from qlora.train import train
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every path under `directory` with a hash of its content: equal snapshots, nothing written or changed."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+def with_train(recipe, **values):
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update=values)})
+
+
+def steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_finished_run_run_again_is_a_no_op(make_recipe, capsys):
+    recipe = make_recipe(train={"max_steps": 2})
+    run = train(recipe)
+    before = snapshot(run)
+    assert train(recipe) == run
+    assert f"{run} is complete at step 2: nothing to do" in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert check(recipe).errors == []  # check agrees that train would start (and do nothing)
+
+
+def test_a_crash_in_the_final_save_is_finished_from_the_last_checkpoint(make_recipe, monkeypatch, capsys):
+    recipe = make_recipe(rows=[ROW, ROW_WITH_INPUT], train={"max_steps": 3})
+    run = Path(recipe.train.output_dir)
+
+    def crash(*args):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr("qlora.train.write_adapter", crash)
+    with pytest.raises(RunFailed, match="I/O error"):
+        train(recipe)
+    monkeypatch.undo()
+    assert not (run / "adapter").exists()
+    checkpoints = snapshot(run / "checkpoints")
+    train(recipe)
+    assert "checkpoint-3 is the end of the run but adapter/ was not written" in capsys.readouterr().err
+    assert snapshot(run / "checkpoints") == checkpoints and steps(run) == [2]  # nothing trained past the end
+    final = load_file(run / "checkpoints/checkpoint-3/adapter_model.safetensors")
+    saved = load_file(run / "adapter/adapter_model.safetensors")
+    assert final.keys() == saved.keys() and all((final[k] == saved[k]).all() for k in final)
+    assert {"tokenizer.json", "template.json", "adapter_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
+    train(recipe)
+    assert "is complete at step 3" in capsys.readouterr().err
+
+
+LOCKER = """
+import sys, time
+from pathlib import Path
+from qlora.rundir import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_in_use_is_locked_until_its_process_dies_even_by_kill_9(make_recipe):
+    recipe = make_recipe()
+    run = Path(recipe.train.output_dir)
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for command in (train, check):
+            with pytest.raises(UserError, match=rf"in use by a running `qlora train` \(PID {holder.pid}\)"):
+                command(recipe)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock_holder(run) is None
+    assert (train(recipe) / "adapter").is_dir()
+
+
+def test_resuming_on_changed_data_is_refused_and_touches_nothing(make_recipe):
+    recipe = make_recipe(train={"max_steps": 2})
+    run = train(recipe)
+    before = snapshot(run)
+    Path(recipe.data.path).write_text(json.dumps([ROW_WITH_INPUT]))
+    for command in (train, check):
+        with pytest.raises(UserError, match="data.path: the rows differ from those .* was trained on"):
+            command(with_train(recipe, max_steps=4))
+    assert snapshot(run) == before
+
+
+def test_the_recorded_recipe_resumes_the_run_from_any_directory(make_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = make_recipe(train={"max_steps": 2})
+    relative = recipe.model_dump(mode="json")
+    relative["data"]["path"], relative["train"]["output_dir"] = "data.json", "run"
+    (tmp_path / "recipe.yaml").write_text(json.dumps(relative))
+    assert CliRunner().invoke(app, ["train", "recipe.yaml"]).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "run/recipe.yaml"), "--set", "train.max_steps=4"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming from {tmp_path / 'run/checkpoints/checkpoint-2'}" in result.output
+    assert steps(tmp_path / "run") == [2, 4] and list(elsewhere.iterdir()) == []
+
+
+def test_overwrite_never_deletes_what_the_run_reads_or_the_working_directory(make_recipe, tmp_path, monkeypatch):
+    recipe = make_recipe()
+    train(recipe)
+    holding_data = with_train(recipe, output_dir=str(tmp_path))  # tmp_path holds data.json and the first run
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"train.output_dir: .* holds .*data.json, which this command reads"):
+        train(holding_data, overwrite=True)
+    run = Path(recipe.train.output_dir)
+    (run / "data.json").write_text(json.dumps([ROW]))  # the data inside the run it trains
+    inside = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": str(run / "data.json")})})
+    with pytest.raises(UserError, match="which this command reads"):
+        train(inside, overwrite=True)
+    monkeypatch.chdir(run)
+    with pytest.raises(UserError, match="holds the working directory"):
+        train(recipe, overwrite=True)
+    (run / "data.json").unlink()
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("lora", {"target_modules": ["q_proj", "qproj"]}, "lora.target_modules: qproj matches no layer of"),
+    ("lora", {"modules_to_save": ["head"]}, "lora.modules_to_save: head matches no layer of"),
+    ("train", {"report_to": ["wandb"]}, "train.report_to: wandb is not installed"),
+    ("model", {"attn_implementation": "flash_attention_2"}, "model.attn_implementation: flash_attention_2 needs"),
+    ("quantization", {"compute_dtype": "float16"}, "quantization.compute_dtype: float16 mixed precision needs"),
+    ("data", {"eval_path": "missing.jsonl"}, "missing.jsonl"),
+    ("data", {"too_long": "error", "max_length": 20}, "over data.max_length=20"),
+    ("data", {"eval_fraction": 0.4}, "leaves no rows to train on"),
+])
+def test_check_refuses_exactly_what_train_refuses_before_anything_is_written(make_recipe, section, values, message):
+    recipe = make_recipe(**{section: values})
+    run = Path(recipe.train.output_dir)
+    with pytest.raises(UserError, match=message) as refused:
+        train(recipe)
+    assert not run.exists()
+    try:
+        errors = check(recipe).errors
+    except UserError as exc:
+        errors = [str(exc)]
+    assert errors == [str(refused.value)]
+    assert not run.exists()
