@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models of real architectures, built once per test session, offline."""
 
+import hashlib
 import json
 import os
 
@@ -20,6 +21,12 @@ ROW_WITH_INPUT = {
     "input": "def add(a, b):\n    return a + b",
     "output": "def add(a: int, b: int) -> int:\n    return a + b",
 }
+
+
+def snapshot(directory) -> dict[str, str]:
+    """Every path under `directory` with a hash of its content: equal snapshots, nothing written or changed."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROW
+from conftest import ROW, snapshot
 from qlora.data import TEMPLATES, encode_prompt
 from qlora.errors import UserError
 from qlora.merge import MIN_AGREEMENT, merge, verify
@@ -84,3 +84,19 @@ def test_a_non_empty_output_is_refused_and_untouched(memorised_run, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError):
         merge(tmp_path, tmp_path / "x")
+
+
+def test_overwrite_replaces_only_a_model_merge_wrote_never_the_run(memorised_run, tmp_path):
+    before = snapshot(memorised_run.parent)
+    for output, reason in ((memorised_run, "is the run"), (memorised_run.parent, "holds the run"),
+                           (memorised_run / "adapter", "not a directory `qlora merge` wrote"),
+                           (memorised_run / "checkpoints", "not a directory `qlora merge` wrote")):
+        with pytest.raises(UserError, match=reason):
+            merge(memorised_run, output, overwrite=True)
+    assert snapshot(memorised_run.parent) == before
+    out = merge(memorised_run, tmp_path / "merged")
+    first = (out / "model.safetensors").read_bytes()
+    (out / "stale.txt").write_text("from an earlier merge")
+    assert merge(memorised_run, out, dtype="float32", overwrite=True) == out
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").read_bytes() != first
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no .tmp or .old sibling left

@@ -2,7 +2,6 @@
 checkpoint, a run in use is locked, --overwrite replaces only what qlora wrote, and `check` refuses exactly what
 `train` refuses, before anything is written."""
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROW, ROW_WITH_INPUT
+from conftest import ROW, ROW_WITH_INPUT, snapshot
 from typer.testing import CliRunner
 
 from qlora.check import check
@@ -20,12 +19,6 @@ from qlora.cli import app
 from qlora.errors import RunFailed, UserError
 from qlora.rundir import lock_holder
 from qlora.train import train
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every path under `directory` with a hash of its content: equal snapshots, nothing written or changed."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(directory.rglob("*"))}
 
 
 def with_train(recipe, **values):
