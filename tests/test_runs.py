@@ -158,3 +158,15 @@ def test_check_refuses_exactly_what_train_refuses_before_anything_is_written(mak
         errors = [str(exc)]
     assert errors == [str(refused.value)]
     assert not run.exists()
+
+
+def test_a_start_that_failed_before_training_does_not_block_the_corrected_recipe(make_recipe, monkeypatch):
+    def unloadable(recipe):
+        raise UserError("model.name_or_path: cannot load it")
+
+    monkeypatch.setattr("qlora.train.load_quantized_base", unloadable)
+    with pytest.raises(UserError, match="cannot load it"):
+        train(make_recipe())
+    monkeypatch.undo()
+    corrected = make_recipe(lora={"r": 8})
+    assert (train(corrected) / "adapter").is_dir()

@@ -136,10 +136,10 @@ class RunPlan:
 def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]) -> RunPlan:
     """Decide, without writing anything, how `train` treats train.output_dir; UserError where it must refuse.
 
-    Missing or empty: start. --overwrite on a run this command wrote (never one holding `keep`, the data
-    and model it reads): start over. A run with the same recipe (the run length aside) and data: complete
-    when it finished this run length, finish when its newest checkpoint is the end but the adapter was not
-    written, else resume from that checkpoint. Anything else is refused.
+    Missing, empty, or a run with nothing trained yet: start. --overwrite on a run this command wrote (never
+    one holding `keep`, the data and model it reads): start over. A run with the same recipe (the run length
+    aside) and data: complete when it finished this run length, finish when its newest checkpoint is the end
+    but the adapter was not written, else resume from that checkpoint. Anything else is refused.
     """
     run = Path(recipe.train.output_dir)
     if run.exists() and not run.is_dir():
@@ -152,6 +152,9 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
         return RunPlan("start")
     if marker.get("written_by") != "train" or not (run / RECIPE_FILE).is_file():
         raise UserError(f"train.output_dir: {run} is not empty and is not a qlora run; choose another directory")
+    checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
+    if not checkpoints and not (run / ADAPTER_DIR).exists():
+        return RunPlan("start")  # nothing trained yet (a start that failed early): nothing to lose or to match
     changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
     if changes:
         resolved = [key for key in RESOLVED_KEYS if any(c.startswith(key + " ") for c in changes)]
@@ -163,19 +166,20 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
     if marker.get("data") != fingerprint:
         raise UserError(f"data.path: the rows differ from those {run} was trained on (sha256 {marker.get('data')}); "
                         "restore the data, or pass --overwrite to start over, or set another train.output_dir")
-    checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
-    newest = checkpoints[-1] if checkpoints else None
-    step = checkpoint_step(newest) if newest else 0
-    t = recipe.train
+    t, done = recipe.train, marker.get("complete")
+    if done and done["max_steps"] == t.max_steps and done["epochs"] == t.epochs and (run / ADAPTER_DIR).is_dir():
+        return RunPlan("complete", None, done["step"])
+    if not checkpoints:
+        raise UserError(f"train.output_dir: {run} holds an adapter but no checkpoint to train on from; pass "
+                        "--overwrite to start over or set another train.output_dir")
+    newest = checkpoints[-1]
+    step = checkpoint_step(newest)
     if t.max_steps and t.max_steps < step:
         raise UserError(f"train.max_steps={t.max_steps}: {run} is already at step {step}; train longer, or pass "
                         "--overwrite to start over")
-    done = marker.get("complete")
-    if done and done["max_steps"] == t.max_steps and done["epochs"] == t.epochs and (run / ADAPTER_DIR).is_dir():
-        return RunPlan("complete", newest, done["step"])
-    if newest and run_target_reached(recipe, newest):
+    if run_target_reached(recipe, newest):
         return RunPlan("finish", newest, step)
-    return RunPlan("resume" if newest else "start", newest, step)
+    return RunPlan("resume", newest, step)
 
 
 def remove_leftovers(run: Path) -> None:
