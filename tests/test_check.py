@@ -98,7 +98,9 @@ def test_code_alpaca_exits_2_naming_its_empty_rows_and_passes_with_skip_invalid(
     recipe = write_recipe(tmp_path, tiny_model, CODE_ALPACA)
     result = run_check(recipe)
     assert result.returncode == 2
-    assert "2 empty output (rows 237, 1859)" in result.stdout and "data.skip_invalid" in result.stdout
+    assert "2 empty output (rows 237, 1859)" in result.stdout  # the report, on stdout
+    [error] = result.stderr.splitlines()  # the reason train would stop, one line on stderr
+    assert error.startswith("error: ") and "2 empty output" in error and "data.skip_invalid" in error
     assert "[-" in result.stdout and "+]" in result.stdout  # masked / trained markers when not a terminal
     assert run_check(recipe, "--set", "data.skip_invalid=true").returncode == 0
 

@@ -310,5 +310,3 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         else:
             console.print(escape("".join(f"[+{t}+]" if trained else f"[-{t}-]" for t, trained in example)),
                           highlight=False)
-    for error in report.errors:
-        console.print(f"[red]error:[/] {escape(error)}")

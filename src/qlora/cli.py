@@ -74,10 +74,12 @@ def check(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Check as `qlora train --overwrite` would run.")] = False,
 ) -> None:
     """Pre-flight report: rows, lengths, masking, EOS, packing, parameters, peak GPU memory estimate.
 
-    Loads the tokenizer, data and model config only. Exit 2 where training would fail or lose data.
+    Loads the tokenizer, data and model config only, and runs every check `train` runs before it writes:
+    exit 0 means `train` starts (rows it would drop are reported), exit 2 names what would stop it.
     """
 
     def body():
@@ -89,13 +91,13 @@ def check(
         from qlora.config import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
-        report = check_recipe(loaded)
+        report = check_recipe(loaded, overwrite=overwrite)
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=1))
         else:
             print_report(report, loaded, Console(highlight=False, soft_wrap=True))
         if report.errors:
-            raise typer.Exit(2)
+            raise UserError(report.errors[0])
 
     _run(body)
 

@@ -151,7 +151,10 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     check_trackers(recipe.train.report_to)
     model, q, t = recipe.model, recipe.quantization, recipe.train
     model_path = Path(model.name_or_path).expanduser()
-    if model_path.is_dir():
+    if model_path.exists() or model.name_or_path.startswith((".", "/", "~")):  # local, not a hub id
+        if not (model_path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {model.name_or_path} is not a model directory (no config.json); "
+                            "give a directory saved with save_pretrained, or a hub id like google/gemma-2b")
         model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
     model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
     quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
