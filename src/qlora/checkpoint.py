@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from qlora.errors import RunFailed
-from qlora.files import fsync
+from qlora.files import publish_dir, tmp_sibling
 from qlora.rundir import (OPTIMIZER_JSON, OPTIMIZER_TENSORS, RNG_JSON, RNG_TENSORS, SCALER_JSON, SCHEDULER_JSON,
                           TRAINER_STATE_JSON, complete_checkpoints)
 
@@ -129,7 +129,7 @@ class QLoRATrainer(SFTTrainer):
         """Write checkpoint-N into `.checkpoint-N.tmp`, rename it when complete, then apply save_total_limit."""
         parent = Path(self.args.output_dir)
         final = parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        tmp = parent / f".{final.name}.tmp"
+        tmp = tmp_sibling(final)
         non_finite = [n for n, p in self.model.named_parameters() if p.requires_grad and not p.isfinite().all()]
         if non_finite:
             self.stop_non_finite(self.state.global_step, f"weight {non_finite[0]} is not finite, so it was not saved")
@@ -141,11 +141,7 @@ class QLoRATrainer(SFTTrainer):
             self._save_scaler(tmp)
             self._save_rng_state(tmp)
             self.state.save_to_json(str(tmp / TRAINER_STATE_JSON))
-            for path in tmp.iterdir():
-                fsync(path)
-            fsync(tmp)
-            tmp.rename(final)
-            fsync(parent)
+            publish_dir(tmp, final)
         except BaseException:  # a full disk, an error, a second signal: nothing half-written is left behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
