@@ -197,16 +197,17 @@ def test_a_full_disk_fails_with_one_message_and_keeps_earlier_checkpoints(make_r
     assert_checkpoint_loads(run / "checkpoints/checkpoint-2", 2)
 
 
-def test_an_output_dir_under_a_regular_file_exits_1_with_one_line(tmp_path, tiny_model):
+def test_an_output_dir_under_a_regular_file_exits_2_with_one_line_from_check_and_train(tmp_path, tiny_model):
     (tmp_path / "file").write_text("not a directory")
     recipe = recipe_for(tmp_path, tiny_model("gemma"), train={"output_dir": str(tmp_path / "file/run")})
     (tmp_path / "recipe.yaml").write_text(dump_recipe(recipe))
-    result = subprocess.run([*QLORA, "train", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot write to {tmp_path / 'file/run'}: Not a directory ({tmp_path / 'file/run'})"]
-    assert "Traceback" not in result.stderr and (tmp_path / "file").read_text() == "not a directory"
+    for command in ("check", "train"):
+        result = subprocess.run([*QLORA, command, str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [f"error: train.output_dir: {tmp_path / 'file/run'} lies under "
+                                              f"{tmp_path / 'file'}, which is a file; choose another directory"]
+    assert (tmp_path / "file").read_text() == "not a directory"
 
 
 class InfGradient(torch.autograd.Function):

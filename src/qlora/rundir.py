@@ -144,6 +144,11 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
     run = Path(recipe.train.output_dir)
     if run.exists() and not run.is_dir():
         raise UserError(f"train.output_dir: {run} is a file, not a directory")
+    existing = next(p for p in (run, *run.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"train.output_dir: {run} lies under {existing}, which is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"train.output_dir: {existing} is not writable; choose another directory")
     if not run.exists() or not any(p.name != LOCK_FILE for p in run.iterdir()):
         return RunPlan("start")
     marker = read_marker(run)
