@@ -1,5 +1,6 @@
 """The recipe schema: every shipped recipe validates; user mistakes name the key and the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,57 @@ def test_python_yaml_tags_are_refused(tmp_path):
 
 
 def test_missing_recipe_file_is_named(tmp_path):
-    with pytest.raises(UserError, match="recipe file not found"):
+    with pytest.raises(UserError, match="recipe: file not found"):
         load_recipe(tmp_path / "nope.yaml")
 
 
 def test_readme_recipe_reference_matches_the_schema():
     assert recipe_reference() in (ROOT / "README.md").read_text(), "regenerate with scripts/recipe_reference.py"
+
+
+RECIPE_TEXT = "model: {name_or_path: m}\ndata: {path: d.json}\ntrain:\n  output_dir: runs/x\n  learning_rate: 2e-4\n"
+
+
+def test_exponent_floats_read_as_numbers_in_recipes_and_overrides(tmp_path):
+    (tmp_path / "r.yaml").write_text(RECIPE_TEXT)
+    assert load_recipe(tmp_path / "r.yaml").train.learning_rate == 2e-4
+    assert load_recipe(tmp_path / "r.yaml", ["train.learning_rate=1E-5"]).train.learning_rate == 1e-5
+
+
+@pytest.mark.parametrize("text, message", [
+    (RECIPE_TEXT + "train: {output_dir: y}\n", "line 6: duplicate key 'train' (first on line 3)"),
+    (RECIPE_TEXT + "  output_dir: y\n", "line 6: duplicate key 'output_dir' (first on line 4)"),
+])
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.r=yes", "lora.r: Input should be a valid integer (got True)"),
+    ("lora.r='16'", "lora.r: Input should be a valid integer (got '16')"),
+    ("train.max_steps=1.5", "train.max_steps: Input should be a valid integer (got 1.5)"),
+    ("train.learning_rate=fast", "train.learning_rate: Input should be a valid number (got 'fast')"),
+    ("lora.use_rslora=1", "lora.use_rslora: Input should be a valid boolean (got 1)"),
+    ("lora.alpha=.inf", "lora.alpha: Input should be a finite number (got inf)"),
+    ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+    (f"generation.seed={2**32}", "generation.seed: Input should be less than or equal to 4294967295"),
+])
+def test_values_are_never_coerced(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_recipe(apply_overrides(MINIMAL, [override]), "r.yaml")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xef\xbb\xbf" + RECIPE_TEXT.encode(), None),  # a UTF-8 BOM, as Windows editors write: fine
+    (RECIPE_TEXT.replace("d.json", "caf\u00e9.json").encode("latin-1"), "is not UTF-8 text (byte 0xe9 on line 2)"),
+    (b"\x7fELF\x02\x01\x01\0\0\0", "is a binary file"),
+])
+def test_recipe_encodings(tmp_path, content, message):
+    (tmp_path / "r.yaml").write_bytes(content)
+    if message is None:
+        assert load_recipe(tmp_path / "r.yaml").data.path == "d.json"
+    else:
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_recipe(tmp_path / "r.yaml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,10 +11,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qlora.errors import UserError
+from qlora.files import read_text
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `lora.r: yes` or `lora.r: "16"` is an error rather than 1 or 16; no inf or nan anywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+SEED_RANGE = dict(ge=0, le=2**32 - 1)  # what numpy's and transformers' set_seed accept
 
 
 class ModelSection(_Section):
@@ -188,7 +194,7 @@ class TrainSection(_Section):
         description="Liger kernels (RMSNorm, RoPE, SwiGLU): auto = on CUDA when the `liger` extra is installed. "
         "The LM head is always fused and tiled (TRL), so full logits are never materialised.",
     )
-    seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
+    seed: int = Field(42, **SEED_RANGE, description="Seed for adapter init, data order and dropout (0 to 2^32-1).")
     logging_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
     save_steps: int = Field(200, gt=0, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most N checkpoints (oldest removed); null keeps all.")
@@ -204,7 +210,8 @@ class GenerationSection(_Section):
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 turns it off.")
     num_beams: int = Field(1, gt=0, description="Beam search width; 1 = no beam search.")
     repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens already present.")
-    seed: int | None = Field(None, description="Seed for sampling; the same seed gives the same text.")
+    seed: int | None = Field(None, **SEED_RANGE,
+                             description="Seed for sampling (0 to 2^32-1); the same seed gives the same text.")
     stop: list[str] = Field([], description="Strings that end the output; the text stops before the first one.")
 
 
@@ -252,13 +259,39 @@ def _describe(error: dict[str, Any]) -> str:
     return message if message.startswith(key + ".") else f"{key}: {message}{shown}"
 
 
+class DuplicateKey(yaml.MarkedYAMLError):
+    def __init__(self, key: Any, first_line: int, mark):
+        super().__init__(problem=f"duplicate key {key!r} (first on line {first_line}); keep one", problem_mark=mark)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys and reads `2e-4` as a float (YAML 1.2; 1.1 makes it a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(key, seen[key], key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds no Python objects
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `a.b=value` into its key path and YAML-typed value."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set lora.r=32")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
     return key.strip().split("."), value
@@ -266,7 +299,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of the recipe mapping with each `--set KEY=VALUE` applied."""
-    result = yaml.safe_load(yaml.safe_dump(raw))
+    result = parse_yaml(yaml.safe_dump(raw))
     for text in overrides:
         path, value = parse_override(text)
         node = result
@@ -280,11 +313,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_recipe_file(path: Path) -> dict[str, Any]:
-    """Read a recipe mapping with yaml.safe_load; errors name the file."""
-    if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+    """Read a recipe mapping with the safe RecipeLoader; errors name the file and line."""
+    text = read_text(path, "recipe")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(text)
+    except DuplicateKey as exc:
+        raise UserError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.constructor.ConstructorError as exc:
         raise UserError(f"{path}: refused a YAML tag that would build Python objects ({exc.problem})") from None
     except yaml.YAMLError as exc:
