@@ -225,6 +225,32 @@ def test_broken_jsonl_line_and_missing_file_are_named(tmp_path):
         load_rows(DataSection(path=str(tmp_path / "nope.csv")))
 
 
+def test_jsonl_splits_on_newlines_only_and_a_bom_is_accepted(tmp_path):
+    rows = [dict(ROW, output="a = 1\u2028b = 2\x1c\x85"), ROW_WITH_INPUT]  # characters str.splitlines splits on
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False)
+                                                                 for r in rows).encode())
+    assert load_rows(DataSection(path=str(tmp_path / "d.jsonl"))) == rows
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbfinstruction,output\nx,y\n")
+    assert load_rows(DataSection(path=str(tmp_path / "d.csv"))) == [{"instruction": "x", "output": "y"}]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.json", b"\x89PNG\r\n\x1a\n\0\0", "is a binary file"),
+    ("d.jsonl", json.dumps(ROW).replace("string", "caf\u00e9").encode("latin-1"), "is not UTF-8 text (byte 0xe9 on line 1)"),
+    ("d.csv", "instruction,output\ncaf\u00e9,x\n".encode("cp1252"), "is not UTF-8 text (byte 0xe9 on line 2)"),
+    ("d.parquet", b"PAR1 not parquet PAR1", "is not a readable Parquet file"),
+    ("d.json", b'{"rows": []}', "holds a JSON dict; expected a list of rows"),
+])
+def test_files_that_are_not_what_they_claim_are_one_line_naming_the_key_and_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    for key in ("path", "eval_path"):
+        data = DataSection(path=str(tmp_path / name), eval_path=str(tmp_path / name))
+        with pytest.raises(UserError) as info:
+            load_rows(data, key)
+        assert str(info.value).startswith(f"data.{key}: {tmp_path / name}") and message in str(info.value)
+        assert "\n" not in str(info.value)
+
+
 def test_eval_split_is_seeded_and_disjoint():
     ids = [[i] for i in range(100)]
     (train, _), (held, _) = split_eval(ids, ids, 0.1, seed=1)

@@ -203,6 +203,7 @@ class Preflight:
 
     recipe: Recipe
     rows: list[Any]
+    eval_rows: list[Any] | None
     tokenizer: Any
     template: Template
     shape: ModelShape
@@ -219,7 +220,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     recipe = resolve_recipe(recipe)
     data, model = recipe.data, recipe.model
     rows = load_rows(data)
-    eval_rows = load_rows(data, data.eval_path) if data.eval_path else None
+    eval_rows = load_rows(data, "eval_path") if data.eval_path else None
     tokenizer = load_tokenizer(model)
     shape = model_shape(recipe)
     keep = [Path(p) for p in (data.path, data.eval_path) if p and is_local_path(p)]
@@ -227,7 +228,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     refuse_if_locked(Path(recipe.train.output_dir))
     fingerprint = data_fingerprint(rows, eval_rows)
     plan = plan_run(recipe, fingerprint, overwrite, keep)
-    return Preflight(recipe, rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan)
+    return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan)
 
 
 def check(recipe: Recipe, overwrite: bool = False) -> CheckReport:
@@ -242,7 +243,7 @@ def check(recipe: Recipe, overwrite: bool = False) -> CheckReport:
     recipe, data, tokenizer, template = pre.recipe, pre.recipe.data, pre.tokenizer, pre.template
     errors = []
     try:
-        train_set, _, report = build_datasets(recipe, pre.rows, tokenizer, template)
+        train_set, _, report = build_datasets(recipe, pre.rows, pre.eval_rows, tokenizer, template)
         ids, labels = train_set["input_ids"][:2], train_set["labels"][:2]
     except UserError as refused:
         errors.append(str(refused))

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qlora.errors import RunFailed, RunInterrupted, UserError
+from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
 
 app = typer.Typer(
     help="QLoRA fine-tuning from one YAML recipe: 4-bit NF4 base + LoRA adapters + TRL SFTTrainer.",
@@ -24,11 +24,6 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a recipe key, e.g. --set lora.r=32 (repeatable; YAML-typed values)."),
 ]
-
-
-def one_line(exc: Exception) -> str:
-    """An error as one line (library messages we quote can span several)."""
-    return " ".join(str(exc).split())
 
 
 def _run(action):

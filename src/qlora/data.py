@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import random
 import re
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora.config import DataSection
-from qlora.errors import UserError
+from qlora.errors import UserError, one_line
+from qlora.files import jsonl_lines, read_text
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross-entropy's ignore_index)
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -234,63 +236,66 @@ def is_local_path(path: str) -> bool:
     return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
 
 
-def _read_json(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(path: Path, what: str) -> list[Any]:
+    text = read_text(path, what)
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        for number, line in jsonl_lines(text):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{what}: {path} line {number} is not valid JSON ({exc.msg})") from None
         return rows
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg}); use .jsonl for JSON lines") from None
+        raise UserError(f"{what}: {path} line {exc.lineno} is not valid JSON ({exc.msg}); use .jsonl for JSON "
+                        "lines") from None
     if not isinstance(rows, list):
-        raise UserError(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}")
+        raise UserError(f"{what}: {path} holds a JSON {type(rows).__name__}; expected a list of rows")
     return rows
 
 
-def _read_local(path: Path, data: DataSection) -> list[Any]:
+def _read_local(path: Path, data: DataSection, what: str) -> list[Any]:
+    if not path.exists():
+        raise UserError(f"{what}: file not found: {path} (check the path, relative to {Path.cwd()})")
     if path.is_dir():
         import datasets
 
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:
-            raise UserError(f"data.path: {path} is a directory but not one saved by datasets.save_to_disk") from None
+            raise UserError(f"{what}: {path} is a directory but not one saved by datasets.save_to_disk") from None
         if isinstance(loaded, datasets.DatasetDict):
             if data.split not in loaded:
                 raise UserError(f"data.split: {path} has no split {data.split!r} (it has {', '.join(loaded)})")
             loaded = loaded[data.split]
         return list(loaded)
-    if not path.is_file():
-        raise UserError(f"data.path: file not found: {path} (check the path, relative to {Path.cwd()})")
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise UserError(f"{what}: {path} is not a readable Parquet file ({one_line(exc)})") from None
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    return _read_json(path)
+        return list(csv.DictReader(io.StringIO(read_text(path, what), newline="")))
+    return _read_json(path, what)
 
 
-def load_rows(data: DataSection, path: str | None = None) -> list[Any]:
-    """The raw rows of data.path (or `path`): a local file or directory, or a hub dataset."""
-    path = path or data.path
+def load_rows(data: DataSection, key: str = "path") -> list[Any]:
+    """The raw rows of data.path (or data.eval_path): a local file or directory, or a hub dataset."""
+    path, what = getattr(data, key), f"data.{key}"
     if is_local_path(path):
-        rows = _read_local(Path(path).expanduser(), data)
+        rows = _read_local(Path(path).expanduser(), data, what)
     else:
         import datasets
 
         try:
             rows = list(datasets.load_dataset(path, data.subset, revision=data.revision, split=data.split))
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad id, split or no network
-            raise UserError(f"data.path: could not load hub dataset {path!r} (subset {data.subset}, revision "
+            raise UserError(f"{what}: could not load hub dataset {path!r} (subset {data.subset}, revision "
                             f"{data.revision}, split {data.split}): {exc}") from None
     return rows[: data.max_rows] if data.max_rows else rows
 
@@ -442,8 +447,10 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
     report = DataReport(source=source, rows_total=len(rows))
     input_ids, labels = [], []
     valid = find_invalid(rows, data, report)
-    for index in track(valid, description=f"tokenizing {len(valid)} rows", console=Console(stderr=True),
-                       transient=True, disable=len(valid) < 1000):
+    console = Console(stderr=True)
+    # in a terminal only: elsewhere a transient bar leaves a blank line in the log
+    for index in track(valid, description=f"tokenizing {len(valid)} rows", console=console, transient=True,
+                       disable=len(valid) < 1000 or not console.is_terminal):
         try:
             ids, lab = encode_segments(tokenizer, row_segments(rows[index], data, template, tokenizer))
         except BoundaryMerge:
@@ -485,16 +492,15 @@ def split_eval(input_ids: list, labels: list, fraction: float, seed: int):
     return pick(kept), pick(held)
 
 
-def build_datasets(recipe, rows: list[Any], tokenizer, template: Template):
-    """(train Dataset, eval Dataset or None, DataReport) for a recipe's already loaded training rows."""
+def build_datasets(recipe, rows: list[Any], eval_rows: list[Any] | None, tokenizer, template: Template):
+    """(train Dataset, eval Dataset or None, DataReport) for a recipe's already loaded training and eval rows."""
     import datasets
 
     data = recipe.data
     ids, labels, report = tokenize_rows(rows, tokenizer, template, data, data.path)
     eval_set = None
     if data.eval_path:
-        eval_ids, eval_labels, _ = tokenize_rows(load_rows(data, data.eval_path), tokenizer, template, data,
-                                                 data.eval_path)
+        eval_ids, eval_labels, _ = tokenize_rows(eval_rows, tokenizer, template, data, data.eval_path)
         eval_set = datasets.Dataset.from_dict({"input_ids": eval_ids, "labels": eval_labels})
     elif data.eval_fraction:
         (ids, labels), (eval_ids, eval_labels) = split_eval(ids, labels, data.eval_fraction, recipe.train.seed)

@@ -15,3 +15,8 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def one_line(exc: Exception) -> str:
+    """An error as one line (library messages we quote can span several)."""
+    return " ".join(str(exc).split())

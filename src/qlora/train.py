@@ -218,7 +218,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         console.print(f"{run} is complete at step {pre.plan.step}: nothing to do (raise train.max_steps or "
                       "train.epochs to train on, or pass --overwrite to start over)")
         return run
-    dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.tokenizer, pre.template)
+    dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.eval_rows, pre.tokenizer, pre.template)
     console.print(f"data: {report.summary()}")
 
     with write_failures(run), run_lock(run):
