@@ -9,8 +9,8 @@ import pytest
 
 from conftest import ROW, ROW_WITH_INPUT
 from qlora.config import GenerationSection
-from qlora.errors import UserError
-from qlora.generate import StopAwareStreamer, chat, generate, generate_file, load_run
+from qlora.errors import RunInterrupted, UserError
+from qlora.generate import StopAwareStreamer, chat, generate, generate_file, load_run, read_prompt_rows
 
 GREEDY = GenerationSection(max_new_tokens=60)
 
@@ -78,18 +78,44 @@ def test_batch_jsonl_round_trip(loaded, tmp_path):
     rows = [ROW_WITH_INPUT, {"instruction": ROW["instruction"], "id": 7}]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert generate_file(loaded, source, tmp_path / "out.jsonl", GREEDY, batch_size=2) == 2
+    assert generate_file(loaded, source, read_prompt_rows(source), tmp_path / "out.jsonl", GREEDY, 2) == (2, 0)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "generation"} for r in out] == rows
     assert out[1]["generation"] == ROW["output"] and isinstance(out[0]["generation"], str)
 
 
-def test_batch_file_with_a_bad_row_names_it(loaded, tmp_path):
+def test_batch_file_with_a_bad_row_names_it(tmp_path):
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps(ROW) + "\n" + json.dumps({"input": "no instruction"}) + "\n")
-    with pytest.raises(UserError, match="row 1 has no instruction"):
-        generate_file(loaded, source, tmp_path / "out.jsonl", GREEDY)
-    assert not (tmp_path / "out.jsonl").exists()
+    source.write_text(json.dumps(ROW) + "\n\n" + json.dumps({"input": "no instruction"}) + "\n")
+    with pytest.raises(UserError, match=r"row 1 \(line 3\) has no instruction"):
+        read_prompt_rows(source)
+
+
+def test_an_interrupted_batch_file_keeps_its_rows_and_the_same_command_continues(loaded, tmp_path, monkeypatch):
+    rows = [{"instruction": ROW["instruction"], "id": i} for i in range(5)]
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+
+    def interrupted_after_two_batches(loaded, prompts, sampling, batch_size):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(loaded, prompts, sampling, batch_size)
+
+    real_generate = generate
+    monkeypatch.setattr("qlora.generate.generate", interrupted_after_two_batches)
+    with pytest.raises(RunInterrupted, match=f"4 of 5 rows are in {out}; run the same command"):
+        generate_file(loaded, source, rows, out, GREEDY, 2)
+    with out.open("a") as f:
+        f.write('{"instruction": "cut sh')  # and a crash in the middle of the next line
+    calls.clear()
+    assert generate_file(loaded, source, rows, out, GREEDY, 2) == (1, 4)
+    assert calls == [1]  # only the missing row was generated
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in written] == [0, 1, 2, 3, 4]
+    assert {r["generation"] for r in written} == {ROW["output"]}
+    assert generate_file(loaded, source, rows, out, GREEDY, 2) == (0, 5) and calls == [1]
 
 
 def test_chat_answers_each_line_until_exit(loaded, capsys):

@@ -80,11 +80,11 @@ def model_shape(recipe: Recipe) -> ModelShape:
 def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
     """lora.target_modules and lora.modules_to_save must each name a module of the model (peft matches the
     last part of a module's dotted name); a misspelt one would train less than the recipe says, or fail later."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} - {""}
     targets = [] if recipe.lora.target_modules == "all-linear" else recipe.lora.target_modules
     for key, wanted, kind, valid in (("lora.target_modules", targets, "linear layers", linear_names),
                                      ("lora.modules_to_save", recipe.lora.modules_to_save, "modules",
-                                      sorted(names - {""}))):
+                                      sorted(n for n in names if not n.isdigit()))):
         missing = [name for name in wanted if name not in names]
         if missing:
             raise UserError(f"{key}: {', '.join(missing)} matches no layer of {recipe.model.name_or_path}; "

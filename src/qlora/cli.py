@@ -125,19 +125,34 @@ def generate(
         from qlora import generate as g
         from qlora.config import GenerationSection, with_generation_overrides
 
+        # every flag is checked before a model loads
         modes = sum([bool(prompt), chat, input_file is not None])
         if modes != 1:
             raise UserError("give exactly one of --prompt, --chat or --input-file")
         if (input_file is None) != (output_file is None):
             raise UserError("--input-file and --output-file go together")
+        if any(not p.strip() for p in prompt or []):
+            raise UserError("--prompt: an instruction is empty; give the text to answer")
+        if any(s == "" for s in stop or []):
+            raise UserError('--stop "": an empty stop string would end every answer before it starts; drop it')
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: give 1 or more prompts per batch")
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, seed=seed,
                      max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, stop=stop)
-        with_generation_overrides(GenerationSection(), flags)  # reject bad flags before loading a model
+        defaults = with_generation_overrides(GenerationSection(), flags)
+        if stream or chat:
+            g.check_streamable(defaults)
+        if input_file is not None:
+            rows = g.read_prompt_rows(input_file)
+            g.rows_already_written(output_file, input_file, rows)
         loaded = g.load_run(run)
         sampling = with_generation_overrides(loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
+        if stream or chat:
+            g.check_streamable(sampling)  # the run's own num_beams
         if input_file is not None:
-            count = g.generate_file(loaded, input_file, output_file, sampling, batch_size)
-            typer.echo(f"wrote {count} rows to {output_file}", err=True)
+            written, before = g.generate_file(loaded, input_file, rows, output_file, sampling, batch_size)
+            typer.echo(f"wrote {written} rows to {output_file}" + (f" ({before} already there)" if before else ""),
+                       err=True)
         elif chat:
             g.chat(loaded, sampling)
         elif stream:
@@ -151,6 +166,18 @@ def generate(
             typer.echo("\n\n".join(texts))
 
     _run(body)
+
+
+def check_shard_size(size: str) -> None:
+    """--max-shard-size as save_pretrained parses it (huggingface_hub), and above zero."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        valid = parse_size_to_int(size) > 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise UserError(f"--max-shard-size {size!r}: give a size such as 5GB, 500MB or 200KB")
 
 
 @app.command()
@@ -176,6 +203,9 @@ def merge(
             raise UserError(f"--base {base!r}: choose dequantized or original")
         if dtype not in (None, "bfloat16", "float16", "float32"):
             raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+        if not 0 <= min_agreement <= 1:
+            raise UserError(f"--min-agreement {min_agreement}: a fraction of tokens, from 0 to 1 (default 0.97)")
+        check_shard_size(max_shard_size)
         merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
         if verify:
             report = verify_run(run, output, base, min_agreement=min_agreement)

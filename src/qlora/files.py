@@ -102,6 +102,12 @@ def read_marker(directory: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
+def refuse_working_directory(path: Path, what: str) -> None:
+    """A directory we publish into by renaming may not be, or hold, the working directory."""
+    if Path.cwd().resolve().is_relative_to(Path(path).resolve()):
+        raise UserError(f"{what}: {path} holds the working directory; choose another directory")
+
+
 def check_replaceable(path: Path, command: str, what: str, keep: list[Path] = ()) -> None:
     """Raise UserError unless `command --overwrite` may delete `path`.
 
@@ -118,8 +124,7 @@ def check_replaceable(path: Path, command: str, what: str, keep: list[Path] = ()
             relation = "is" if path == kept else "holds"
             raise UserError(f"{what}: {path} {relation} {kept}, which this command reads; choose a directory "
                             "outside it")
-    if Path.cwd().resolve().is_relative_to(path):
-        raise UserError(f"{what}: {path} holds the working directory; choose another directory")
+    refuse_working_directory(path, what)
     if not path.is_dir() or read_marker(path).get("written_by") != command:
         kind = "a file" if not path.is_dir() else "not a directory `qlora " + command + "` wrote"
         raise UserError(f"{what}: {path} exists and is {kind}, so --overwrite will not delete it; "

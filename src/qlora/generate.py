@@ -7,6 +7,8 @@ token-for-token the prefix it was trained on.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,8 @@ from typing import Any, Callable, TextIO
 
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt
-from qlora.errors import UserError
-from qlora.files import write_atomic
+from qlora.errors import RunInterrupted, UserError
+from qlora.files import jsonl_lines, read_text
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
@@ -100,17 +102,23 @@ class StopAwareStreamer:
         self._emit(final=True)
 
 
+def check_streamable(sampling: GenerationSection) -> None:
+    """Refuse beam search where text streams (--stream, --chat): it picks its text only at the end."""
+    if sampling.num_beams > 1:
+        raise UserError(f"num_beams={sampling.num_beams}: beam search picks its text only at the end, so it cannot "
+                        "stream (--stream, --chat); drop --stream or set --num-beams 1")
+
+
 def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: GenerationSection,
-             batch_size: int = 8, on_batch: Callable[[int], None] | None = None, streamer=None) -> list[str]:
+             batch_size: int = 8, streamer=None) -> list[str]:
     """Generated responses for (instruction, input) prompts, batched with left padding.
 
     A `streamer` (one prompt at a time) receives tokens as they are generated.
     """
     import torch
 
-    if streamer is not None and sampling.num_beams > 1:
-        raise UserError(f"num_beams={sampling.num_beams}: beam search picks its text only at the end, so it cannot "
-                        "stream (--stream, --chat); drop --stream or set --num-beams 1")
+    if streamer is not None:
+        check_streamable(sampling)
     tok, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
     if sampling.seed is not None:
@@ -143,44 +151,89 @@ def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: Gene
             )
         for row in out[:, width:]:
             texts.append(cut_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop))
-        if on_batch:
-            on_batch(len(encoded))
     return texts
 
 
 def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl file in the training format; each needs a non-empty string instruction."""
-    if not path.is_file():
-        raise UserError(f"--input-file: file not found: {path}")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(read_text(path, "--input-file")):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: row {number} is not valid JSON ({exc.msg})") from None
+            raise UserError(f"--input-file: {path} line {number} is not valid JSON ({exc.msg})") from None
+        index = len(rows)
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-            raise UserError(f"{path}: row {number} has no instruction string")
+            raise UserError(f"--input-file: {path} row {index} (line {number}) has no instruction string")
         if not isinstance(row.get("input") or "", str):
-            raise UserError(f"{path}: row {number} has a non-string input")
+            raise UserError(f"--input-file: {path} row {index} (line {number}) has a non-string input")
         rows.append(row)
+    if not rows:
+        raise UserError(f"--input-file: {path} holds no rows")
     return rows
 
 
-def generate_file(loaded: LoadedModel, in_path: Path, out_path: Path, sampling: GenerationSection,
-                  batch_size: int = 8) -> int:
-    """Write each row of `in_path` with a `generation` field added to `out_path` (atomically); returns the count."""
+def rows_already_written(out_path: Path, in_path: Path, rows: list[dict[str, Any]]) -> int:
+    """How many of `rows` an earlier run of the same command wrote to `out_path` (checked before a model loads).
+
+    Those lines must be the first rows with a `generation` added; a last line cut short by a crash is not
+    counted (it is regenerated). Anything else is refused, so another file is never appended to.
+    """
+    if out_path.is_dir():
+        raise UserError(f"--output-file: {out_path} is a directory; name a .jsonl file")
+    if not out_path.parent.is_dir():
+        raise UserError(f"--output-file: the directory {out_path.parent} does not exist; create it first")
+    if not os.access(out_path.parent, os.W_OK):
+        raise UserError(f"--output-file: {out_path.parent} is not writable")
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise UserError(f"--output-file: {out_path} is the --input-file; name another file")
+    if not out_path.exists():
+        return 0
+    text = read_text(out_path, "--output-file")
+    complete = text[: text.rfind("\n") + 1]  # a line without its newline was cut short
+    written = jsonl_lines(complete)
+    for index, (number, line) in enumerate(written):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        same = (isinstance(row, dict) and index < len(rows) and "generation" in row
+                and {k: v for k, v in row.items() if k != "generation"} == rows[index])
+        if not same:
+            raise UserError(f"--output-file: {out_path} line {number} is not row {index} of {in_path} with its "
+                            "generation, so it is not this command's earlier output; name another file")
+    return len(written)
+
+
+def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]], out_path: Path,
+                  sampling: GenerationSection, batch_size: int = 8) -> tuple[int, int]:
+    """Append each row of `in_path` not yet in `out_path`, with a `generation` field, batch by batch (each batch
+    flushed to disk); returns (rows written now, rows there before). Ctrl-C keeps every finished batch."""
     from rich.progress import Progress
 
-    rows = read_prompt_rows(in_path)
-    with Progress(console=console) as progress:
-        task = progress.add_task("generating", total=len(rows))
-        texts = generate(loaded, [(r["instruction"], r.get("input") or "") for r in rows], sampling, batch_size,
-                         on_batch=lambda n: progress.advance(task, n))
-    write_atomic(out_path, "".join(json.dumps({**r, "generation": t}, ensure_ascii=False) + "\n"
-                                   for r, t in zip(rows, texts)))
-    return len(rows)
+    done = rows_already_written(out_path, in_path, rows)
+    if out_path.exists():  # drop a last line cut short by a crash
+        text = out_path.read_text(encoding="utf-8")
+        with out_path.open("r+", encoding="utf-8") as f:
+            f.truncate(len(text[: text.rfind("\n") + 1].encode()))
+    written = 0
+    try:
+        with out_path.open("a", encoding="utf-8") as out, Progress(console=console) as progress:
+            task = progress.add_task("generating", total=len(rows), completed=done)
+            for start in range(done, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                texts = generate(loaded, [(r["instruction"], r.get("input") or "") for r in batch], sampling,
+                                 batch_size)
+                out.write("".join(json.dumps({**r, "generation": t}, ensure_ascii=False) + "\n"
+                                  for r, t in zip(batch, texts)))
+                out.flush()
+                os.fsync(out.fileno())
+                written += len(batch)
+                progress.advance(task, len(batch))
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"{done + written} of {len(rows)} rows are in {out_path}; run the same command to "
+                             "generate the rest", signal.SIGINT) from None
+    return written, done
 
 
 def ask(prompt: str) -> str:

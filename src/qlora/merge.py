@@ -19,7 +19,7 @@ from rich.console import Console
 from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt
 from qlora.errors import UserError
-from qlora.files import check_replaceable, publish_dir, tmp_sibling, write_marker
+from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
 from qlora.rundir import ADAPTER_DIR, RECIPE_FILE
 
 console = Console(stderr=True)
@@ -78,6 +78,9 @@ def check_output(run: Path, output: Path, overwrite: bool, keep: list[Path]) -> 
     if run.resolve().is_relative_to(output.resolve()):
         relation = "is" if run.resolve() == output.resolve() else "holds"
         raise UserError(f"--output {output} {relation} the run {run}; choose another directory, e.g. {run / 'merged'}")
+    refuse_working_directory(output, "--output")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; name a directory for the merged model")
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
     if not overwrite:

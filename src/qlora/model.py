@@ -153,8 +153,9 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     model_path = Path(model.name_or_path).expanduser()
     if model_path.exists() or model.name_or_path.startswith((".", "/", "~")):  # local, not a hub id
         if not (model_path / "config.json").is_file():
-            raise UserError(f"model.name_or_path: {model.name_or_path} is not a model directory (no config.json); "
-                            "give a directory saved with save_pretrained, or a hub id like google/gemma-2b")
+            problem = "does not exist" if not model_path.exists() else "is not a model directory (no config.json)"
+            raise UserError(f"model.name_or_path: {model.name_or_path} {problem}; give a directory saved with "
+                            "save_pretrained, or a hub id like google/gemma-2b")
         model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
     model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
     quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})

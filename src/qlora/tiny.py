@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qlora.data import TEMPLATES
 from qlora.errors import UserError
+from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "python_tasks.json"
 SP_VOCAB_SIZE = 1024  # SentencePiece twins: specials + 256 byte pieces + learned pieces
@@ -265,15 +266,20 @@ def build_tiny_model(arch: str, output: str | Path, *, overwrite: bool = False, 
     if arch not in TWINS:
         raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"{output} exists and is not empty: pass --overwrite or choose another directory")
-    tmp = output.with_name(output.name + ".tmp")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"OUTPUT: {output} is a file; name a directory")
+    refuse_working_directory(output, "OUTPUT")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise UserError(f"OUTPUT: {output} exists and is not empty: pass --overwrite to replace a model an "
+                            "earlier `qlora tiny` wrote, or choose another directory")
+        check_replaceable(output, "tiny", "OUTPUT")
+    tmp = tmp_sibling(output.resolve())
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = write_tokenizer(arch, tmp)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(arch, tokenizer, initializer_range), dtype=torch.float32)
     model.save_pretrained(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    write_marker(tmp, "tiny", arch=arch)
+    publish_dir(tmp, output.resolve())
     return output

@@ -1,0 +1,273 @@
+"""The error contract, input by input: every bad recipe, flag, data, eval or prompt file exits 2 with ONE stderr line
+that names the culprit, no traceback, and nothing written or changed (not the case's directory, not the finished run
+it points at). Recipe cases run under both `check` and `train`: if `check` passes, `train` starts, and where `train`
+refuses, `check` refuses with the same line.
+"""
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROW, ROW_WITH_INPUT, snapshot
+from qlora.cli import app
+
+
+@dataclass
+class World:
+    model: Path
+    run: Path  # a finished run (tiny Gemma), shared by the session: it must come out of every case unchanged
+    recipe: dict
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model, memorised_run):
+    recipe = {"model": {"name_or_path": str(tiny_model("gemma"))}, "data": {"path": "data.json", "max_length": 512},
+              "train": {"output_dir": "run", "max_steps": 2, "batch_size": 1, "grad_accum": 1}}
+    return World(tiny_model("gemma"), memorised_run, recipe)
+
+
+def write_recipe(w: World, changes: dict | None = None, text: str | None = None, name="recipe.yaml") -> str:
+    """A recipe in the working directory: the good one with dotted `changes` applied (None deletes), or `text`."""
+    raw = copy.deepcopy(w.recipe)
+    for dotted, value in (changes or {}).items():
+        *parents, key = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(key, None)
+        else:
+            node[key] = value
+    Path(name).write_text(text if text is not None else yaml.safe_dump(raw), encoding="utf-8")
+    return name
+
+
+def data_file(name: str, content) -> str:
+    """A data file in the working directory: bytes as they are, anything else as JSON."""
+    Path(name).write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    return name
+
+
+def with_data(name, content, key="data.path", **more):
+    return lambda w: [write_recipe(w, {key: data_file(name, content), **more})]
+
+
+def recipe_with(**changes):
+    return lambda w: [write_recipe(w, {k.replace("__", "."): v for k, v in changes.items()})]
+
+
+def recipe_text(text):
+    return lambda w: [write_recipe(w, text=text)]
+
+
+GOOD = [ROW, ROW_WITH_INPUT]
+NOT_A_RUN = "notes.txt"
+
+# (id, argv after the command, culprit the stderr line must name); run under both `check` and `train`
+RECIPE_CASES = [
+    ("recipe-missing", lambda w: ["nope.yaml"], "nope.yaml"),
+    ("recipe-is-directory", lambda w: [Path("adir").mkdir() or "adir"], "adir"),
+    ("recipe-binary", lambda w: [data_file("r.yaml", b"model:\0\x01\x02")], "r.yaml"),
+    ("recipe-latin1", lambda w: [data_file("r.yaml", "model: {name_or_path: caf\u00e9}".encode("latin-1"))], "r.yaml"),
+    ("recipe-bad-yaml", recipe_text("model: [unclosed\n"), "recipe.yaml"),
+    ("recipe-duplicate-section", recipe_text("train: {output_dir: a}\ntrain: {output_dir: b}\n"), "train"),
+    ("recipe-duplicate-nested-key", lambda w: [write_recipe(w, text=yaml.safe_dump(w.recipe) + "lora:\n  r: 8\n  r: 16\n")],
+     "r"),
+    ("recipe-a-list", recipe_text("- model\n- data\n"), "recipe.yaml"),
+    ("recipe-python-tag", recipe_text("model: !!python/object/apply:os.system ['true']\n"), "recipe.yaml"),
+    ("recipe-empty", recipe_text(""), "recipe.yaml"),
+    ("unknown-key", recipe_with(lora__rnak=8), "lora.rnak"),
+    ("unknown-section", recipe_with(optimiser={"lr": 1}), "optimiser"),
+    ("missing-model", recipe_with(model=None), "model"),
+    ("missing-output-dir", recipe_with(train__output_dir=None), "train.output_dir"),
+    ("bool-as-int", recipe_with(lora__r=True), "lora.r"),
+    ("string-as-int", recipe_with(lora__r="16"), "lora.r"),
+    ("zero-rank", recipe_with(lora__r=0), "lora.r"),
+    ("negative-rank", recipe_with(lora__r=-1), "lora.r"),
+    ("float-as-int", recipe_with(train__max_steps=1.5), "train.max_steps"),
+    ("inf-alpha", recipe_with(lora__alpha=float("inf")), "lora.alpha"),
+    ("nan-temperature", recipe_with(generation__temperature=float("nan")), "generation.temperature"),
+    ("dropout-above-1", recipe_with(lora__dropout=1.5), "lora.dropout"),
+    ("string-learning-rate", recipe_with(train__learning_rate="fast"), "train.learning_rate"),
+    ("bool-learning-rate", recipe_with(train__learning_rate=False), "train.learning_rate"),
+    ("negative-seed", recipe_with(train__seed=-1), "train.seed"),
+    ("huge-seed", recipe_with(train__seed=2**40), "train.seed"),
+    ("zero-batch", recipe_with(train__batch_size=0), "train.batch_size"),
+    ("unknown-optimizer", recipe_with(train__optimizer="sgd"), "train.optimizer"),
+    ("unknown-quant-type", recipe_with(quantization__quant_type="int4"), "quantization.quant_type"),
+    ("unknown-format", recipe_with(data__format="csv"), "data.format"),
+    ("unknown-field", recipe_with(data__fields={"answer": "output"}), "data.fields.answer"),
+    ("text-with-template", recipe_with(data__format="text", data__template="alpaca"), "template"),
+    ("eval-fraction-and-path", recipe_with(data__eval_fraction=0.1, data__eval_path="data.json"), "eval"),
+    ("empty-targets", recipe_with(lora__target_modules=[]), "lora.target_modules"),
+    ("target-matching-nothing", recipe_with(lora__target_modules=["q_proj", "qproj"]), "qproj"),
+    ("modules-to-save-matching-nothing", recipe_with(lora__modules_to_save=["head"]), "lora.modules_to_save"),
+    ("tracker-not-installed", recipe_with(train__report_to=["wandb"]), "train.report_to"),
+    ("flash-attention-on-cpu", recipe_with(model__attn_implementation="flash_attention_2"),
+     "model.attn_implementation"),
+    ("float16-on-cpu", recipe_with(quantization__compute_dtype="float16"), "quantization.compute_dtype"),
+    ("model-dir-missing", recipe_with(model__name_or_path="./no-such-model"), "no-such-model"),
+    ("model-dir-without-config", lambda w: [Path("empty-model").mkdir() or write_recipe(
+        w, {"model.name_or_path": "./empty-model"})], "empty-model"),
+    ("data-missing", recipe_with(data__path="missing.json"), "missing.json"),
+    ("data-binary-json", with_data("d.json", b"\x89PNG\r\n\x1a\n\0\0\0"), "d.json"),
+    ("data-latin1-jsonl", with_data("d.jsonl", json.dumps(ROW).replace("string", "stri\u00f1g").encode("latin-1")),
+     "d.jsonl"),
+    ("data-garbage-parquet", with_data("d.parquet", b"PAR1 this is not parquet at all PAR1"), "d.parquet"),
+    ("data-truncated-parquet", with_data("d.parquet", b"PAR1\x15\x04\x15"), "d.parquet"),
+    ("data-json-object", with_data("d.json", {"rows": GOOD}), "d.json"),
+    ("data-bad-json", with_data("d.json", b'[{"instruction": "x",'), "d.json"),
+    ("data-bad-jsonl-line", with_data("d.jsonl", (json.dumps(ROW) + "\n{oops}\n").encode()), "line 2"),
+    ("data-binary-csv", with_data("d.csv", b"instruction,output\n\0\0\xff\xfe"), "d.csv"),
+    ("data-latin1-csv", with_data("d.csv", "instruction,output\ncaf\u00e9,x\n".encode("latin-1")), "d.csv"),
+    ("data-empty-list", with_data("d.json", []), "d.json"),
+    ("data-empty-jsonl", with_data("d.jsonl", b"\n\n"), "d.jsonl"),
+    ("data-empty-output", with_data("d.json", [ROW, dict(ROW, output="")]), "(rows 1)"),
+    ("data-wrong-format", with_data("d.json", [{"question": "q", "answer": "a"}]), "data.fields"),
+    ("data-row-not-object", with_data("d.jsonl", (json.dumps(ROW) + "\n[1, 2]\n").encode()), "(rows 1)"),
+    ("data-non-string-field", with_data("d.json", [ROW, dict(ROW, output=42)]), "(rows 1)"),
+    ("data-dir-not-a-dataset", lambda w: [Path("ddir").mkdir() or write_recipe(w, {"data.path": "./ddir"})], "ddir"),
+    ("data-too-long-error", recipe_with(data__too_long="error", data__max_length=20), "data.max_length"),
+    ("data-nothing-fits", recipe_with(data__max_length=20), "data.max_length"),
+    ("data-invalid-over-cap", with_data("d.json", [ROW, dict(ROW, output="")], **{"data.skip_invalid": True}),
+     "data.max_invalid_fraction"),
+    ("eval-missing", recipe_with(data__eval_path="nope.jsonl"), "data.eval_path"),
+    ("eval-binary", with_data("e.jsonl", b"\0\0\0\0", key="data.eval_path"), "e.jsonl"),
+    ("eval-invalid-rows", with_data("e.json", [dict(ROW, output="")], key="data.eval_path"), "e.json"),
+    ("eval-fraction-leaves-nothing", lambda w: [write_recipe(w, {"data.path": data_file("one.json", [ROW]),
+                                                                  "data.eval_fraction": 0.4})], "data.eval_fraction"),
+    ("output-dir-is-a-file", lambda w: [Path("out").write_text("x") and write_recipe(w, {"train.output_dir": "out"})],
+     "train.output_dir"),
+    ("output-dir-under-a-file", lambda w: [Path("f").write_text("x") and write_recipe(w, {"train.output_dir": "f/run"})],
+     "train.output_dir"),
+    ("output-dir-not-a-run", lambda w: [(Path("mine").mkdir(), Path("mine/notes.txt").write_text("x"))
+                                        and write_recipe(w, {"train.output_dir": "mine"})], "train.output_dir"),
+    ("overwrite-not-a-run", lambda w: [(Path("mine").mkdir(), Path("mine/notes.txt").write_text("x"))
+                                       and write_recipe(w, {"train.output_dir": "mine"}), "--overwrite"],
+     "train.output_dir"),
+    ("overwrite-holding-the-data", lambda w: [write_recipe(w, {"train.output_dir": "."}), "--overwrite"],
+     "train.output_dir"),
+    ("resume-another-recipe", lambda w: [str(w.run / "recipe.yaml"), "--set", "lora.r=8"], "lora.r (16 -> 8)"),
+    ("resume-shorter-than-done", lambda w: [str(w.run / "recipe.yaml"), "--set", "train.max_steps=50"],
+     "train.max_steps=50"),
+    ("set-no-equals", lambda w: [write_recipe(w), "--set", "lora.r"], "lora.r"),
+    ("set-no-key", lambda w: [write_recipe(w), "--set", "=3"], "=3"),
+    ("set-into-a-value", lambda w: [write_recipe(w), "--set", "model.name_or_path.x=1"], "model.name_or_path"),
+    ("set-bool-rank", lambda w: [write_recipe(w), "--set", "lora.r=yes"], "lora.r"),
+    ("set-string-lr", lambda w: [write_recipe(w), "--set", "train.learning_rate=abc"], "train.learning_rate"),
+    ("set-bad-yaml", lambda w: [write_recipe(w), "--set", "lora.target_modules=[q_proj"], "lora.target_modules"),
+    ("set-unknown-key", lambda w: [write_recipe(w), "--set", "train.epoch=2"], "train.epoch"),
+]
+
+
+def generate_args(*flags):
+    return lambda w: [str(w.run), "--prompt", "Write a function.", *flags]
+
+
+def prompts_file(content, *flags):
+    return lambda w: [str(w.run), "--input-file", data_file("in.jsonl", content), "--output-file", "out.jsonl", *flags]
+
+
+PROMPT = (json.dumps({"instruction": "Write a function."}) + "\n").encode()
+
+OTHER_CASES = [
+    ("generate-missing-run", "generate", lambda w: ["nope", "--prompt", "x"], "nope"),
+    ("generate-not-a-run", "generate", lambda w: [Path("adir").mkdir() or "adir", "--prompt", "x"], "adir"),
+    ("generate-run-without-adapter", "generate",
+     lambda w: [Path("half").mkdir() or write_recipe(w, name="half/recipe.yaml") and "half", "--prompt", "x"], "half"),
+    ("generate-no-mode", "generate", lambda w: [str(w.run)], "--prompt"),
+    ("generate-two-modes", "generate", lambda w: [str(w.run), "--prompt", "x", "--chat"], "--chat"),
+    ("generate-input-without-output", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT)], "--output-file"),
+    ("generate-empty-prompt", "generate", lambda w: [str(w.run), "--prompt", ""], "--prompt"),
+    ("generate-empty-stop", "generate", generate_args("--stop", ""), "stop"),
+    ("generate-zero-batch", "generate", generate_args("--batch-size", "0"), "--batch-size"),
+    ("generate-negative-batch", "generate", generate_args("--batch-size", "-1"), "--batch-size"),
+    ("generate-negative-seed", "generate", generate_args("--seed", "-1"), "seed"),
+    ("generate-huge-seed", "generate", generate_args("--seed", str(10**30)), "seed"),
+    ("generate-inf-temperature", "generate", generate_args("--temperature", "inf"), "temperature"),
+    ("generate-nan-temperature", "generate", generate_args("--temperature", "nan"), "temperature"),
+    ("generate-negative-temperature", "generate", generate_args("--temperature", "-1"), "temperature"),
+    ("generate-zero-top-p", "generate", generate_args("--top-p", "0"), "top_p"),
+    ("generate-top-p-above-1", "generate", generate_args("--top-p", "1.5"), "top_p"),
+    ("generate-negative-top-k", "generate", generate_args("--top-k", "-1"), "top_k"),
+    ("generate-zero-beams", "generate", generate_args("--num-beams", "0"), "num_beams"),
+    ("generate-zero-new-tokens", "generate", generate_args("--max-new-tokens", "0"), "max_new_tokens"),
+    ("generate-zero-repetition-penalty", "generate", generate_args("--repetition-penalty", "0"), "repetition_penalty"),
+    ("generate-beams-stream", "generate", generate_args("--num-beams", "2", "--stream"), "--stream"),
+    ("generate-input-missing", "generate",
+     lambda w: [str(w.run), "--input-file", "nope.jsonl", "--output-file", "out.jsonl"], "nope.jsonl"),
+    ("generate-input-binary", "generate", prompts_file(b"\0\0\x01"), "in.jsonl"),
+    ("generate-input-latin1", "generate", prompts_file('{"instruction": "caf\u00e9"}\n'.encode("latin-1")), "in.jsonl"),
+    ("generate-input-bad-json", "generate", prompts_file(PROMPT + b"{oops\n"), "line 2"),
+    ("generate-input-no-instruction", "generate", prompts_file(PROMPT + b'{"input": "x"}\n'), "row 1"),
+    ("generate-input-empty", "generate", prompts_file(b"\n"), "in.jsonl"),
+    ("generate-output-in-missing-dir", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file", "no/dir/out.jsonl"],
+     "no/dir"),
+    ("generate-output-is-a-directory", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file",
+                Path("odir").mkdir() or "odir"], "odir"),
+    ("generate-output-is-the-input", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file", "in.jsonl"], "in.jsonl"),
+    ("generate-output-of-other-rows", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file",
+                data_file("out.jsonl", (json.dumps({"instruction": "Other.", "generation": "x"}) + "\n").encode())],
+     "out.jsonl"),
+    ("merge-not-a-run", "merge", lambda w: [Path("adir").mkdir() or "adir", "--output", "m"], "adir"),
+    ("merge-output-is-the-run", "merge", lambda w: [str(w.run), "--output", str(w.run), "--overwrite"], "--output"),
+    ("merge-output-holds-the-run", "merge", lambda w: [str(w.run), "--output", str(w.run.parent), "--overwrite"],
+     "--output"),
+    ("merge-output-is-the-adapter", "merge",
+     lambda w: [str(w.run), "--output", str(w.run / "adapter"), "--overwrite"], "--output"),
+    ("merge-output-not-empty", "merge",
+     lambda w: [str(w.run), "--output", (Path("m").mkdir(), Path("m/x").write_text("x")) and "m"], "--output"),
+    ("merge-overwrite-not-a-merge", "merge",
+     lambda w: [str(w.run), "--output", (Path("m").mkdir(), Path("m/x").write_text("x")) and "m", "--overwrite"],
+     "--output"),
+    ("merge-output-is-a-file", "merge", lambda w: [str(w.run), "--output", Path("f").write_text("x") and "f"],
+     "--output"),
+    ("merge-unknown-base", "merge", lambda w: [str(w.run), "--output", "m", "--base", "foo"], "--base"),
+    ("merge-unknown-dtype", "merge", lambda w: [str(w.run), "--output", "m", "--dtype", "int8"], "--dtype"),
+    ("merge-garbage-shard-size", "merge", lambda w: [str(w.run), "--output", "m", "--max-shard-size", "garbage"],
+     "--max-shard-size"),
+    ("merge-agreement-above-1", "merge", lambda w: [str(w.run), "--output", "m", "--min-agreement", "2"],
+     "--min-agreement"),
+    ("merge-negative-agreement", "merge", lambda w: [str(w.run), "--output", "m", "--min-agreement", "-0.1"],
+     "--min-agreement"),
+    ("tiny-unknown-arch", "tiny", lambda w: ["gpt5", "t"], "gpt5"),
+    ("tiny-onto-a-file", "tiny", lambda w: ["gemma", Path("f").write_text("x") and "f"], "f"),
+    ("tiny-onto-cwd", "tiny", lambda w: [Path("x").write_text("x") and "gemma", "."], "."),
+    ("tiny-onto-cwd-overwrite", "tiny", lambda w: [Path("x").write_text("x") and "gemma", ".", "--overwrite"], "."),
+    ("tiny-not-empty", "tiny", lambda w: ["gemma", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t"], "t"),
+    ("tiny-overwrite-not-a-twin", "tiny",
+     lambda w: ["gemma", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t", "--overwrite"], "t"),
+]
+
+CASES = ([pytest.param(command, build, culprit, id=f"{command}-{name}")
+          for name, build, culprit in RECIPE_CASES for command in ("check", "train")]
+         + [pytest.param(command, build, culprit, id=name) for name, command, build, culprit in OTHER_CASES])
+
+
+def test_the_table_is_large_and_every_case_is_distinct():
+    assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("command, build, culprit", CASES)
+def test_a_bad_input_exits_2_with_one_line_naming_it_and_changes_nothing(world, tmp_path, monkeypatch, command, build,
+                                                                         culprit):
+    monkeypatch.chdir(tmp_path)
+    data_file("data.json", GOOD)
+    argv = [command, *build(world)]
+    before, run_before = snapshot(tmp_path), snapshot(world.run)
+    result = CliRunner().invoke(app, argv)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, (argv, result.stderr, result.exception)
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
+    assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], lines
+    assert snapshot(tmp_path) == before and snapshot(world.run) == run_before
