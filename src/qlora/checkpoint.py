@@ -24,6 +24,7 @@ from trl import SFTTrainer
 
 from qlora.errors import RunFailed
 from qlora.files import publish_dir, tmp_sibling
+from qlora.loss import fusable_head, trained_token_loss
 from qlora.rundir import (OPTIMIZER_JSON, OPTIMIZER_TENSORS, RNG_JSON, RNG_TENSORS, SCALER_JSON, SCHEDULER_JSON,
                           TRAINER_STATE_JSON, complete_checkpoints)
 
@@ -176,6 +177,18 @@ class QLoRATrainer(SFTTrainer):
     def _load_rng_state(self, checkpoint):
         if checkpoint is not None:
             set_rng_state(load_state(Path(checkpoint) / RNG_TENSORS, Path(checkpoint) / RNG_JSON))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss scored only at trained positions (qlora.loss), for the usual frozen plain LM head; TRL's fused head
+        otherwise (a head with LoRA or trained in full), and wherever the caller wants the model's outputs."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = fusable_head(base)
+        if head is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        total, count = trained_token_loss(base, head, inputs)
+        # like the trainer's own loss: summed over the micro-batch, divided by the trained tokens of the whole
+        # accumulated batch when the trainer counted them
+        return total / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)

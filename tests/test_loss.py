@@ -1,0 +1,78 @@
+"""The trained-positions loss: the same loss and gradients as the model's own full-logits loss, on every twin."""
+
+import pytest
+import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from conftest import ROW, ROW_WITH_INPUT
+from qlora.data import TEMPLATES, encode_segments, row_segments
+from qlora.loss import fusable_head, trained_token_loss
+from qlora.model import add_lora, load_quantized_base, load_tokenizer, resolve_recipe
+
+
+def batch_for(recipe, padding_free):
+    tokenizer = load_tokenizer(recipe.model)
+    rows = []
+    for row in (ROW, ROW_WITH_INPUT, dict(ROW, output=ROW["output"] * 3)):
+        ids, labels = encode_segments(tokenizer, row_segments(row, recipe.data, TEMPLATES["alpaca"], tokenizer))
+        rows.append({"input_ids": ids, "labels": labels})
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(rows)
+
+
+def adapter_grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama", "phi", "qwen2"])
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
+def test_loss_and_gradients_equal_the_full_logits_loss(make_recipe, arch, padding_free):
+    recipe = resolve_recipe(make_recipe(arch=arch, lora={"dropout": 0.0}))  # compute auto, as users run it
+    torch.manual_seed(0)
+    model = add_lora(load_quantized_base(recipe), recipe)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # a trained adapter, so every layer's gradient flows through it
+    base = model.get_base_model()
+    head = fusable_head(base)
+    assert head is not None
+    batch = batch_for(recipe, padding_free)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.quantization.compute_dtype == "bfloat16")
+
+    with autocast:
+        expected = model(**batch).loss  # transformers' own loss: full logits, mean over trained tokens
+    expected.backward()
+    expected_grads = adapter_grads(model)
+    model.zero_grad()
+    with autocast:
+        total, count = trained_token_loss(base, head, batch)
+        loss = total / count
+    loss.backward()
+    grads = adapter_grads(model)
+
+    assert count == (batch["labels"][:, 1:] != -100).sum()
+    assert abs(loss.item() - expected.item()) <= 0.01 * expected.item()
+    assert (grads - expected_grads).norm() <= 0.02 * expected_grads.norm()
+
+
+def test_a_soft_capped_head_matches_too(tmp_path):
+    """Gemma-2 soft-caps its logits (tanh): the cap and its gradient are applied as its own forward does."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           final_logit_softcapping=2.0, initializer_range=0.5))
+    model.get_output_embeddings().weight.requires_grad_(False)
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    expected = model(input_ids=ids, labels=labels).loss
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    total, count = trained_token_loss(model, model.get_output_embeddings(), {"input_ids": ids, "labels": labels})
+    (total / count).backward()
+    assert torch.allclose(total / count, expected, rtol=1e-5)
+    for got, want in zip((p.grad for p in model.parameters() if p.requires_grad), expected_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
