@@ -56,3 +56,38 @@ def test_fused_tiled_lm_head_gives_the_full_logits_loss_and_gradients(make_recip
               for n, p in model.named_parameters() if p.requires_grad}
     print(f"largest relative gradient difference: {max(errors.values()):.3g}")
     assert max(errors.values()) < 1e-2, errors
+
+
+def test_best_fit_decreasing_fills_rows_and_keeps_every_example():
+    from qlora.collate import best_fit_decreasing
+
+    lengths = [700, 300, 900, 100, 500, 2100, 250]
+    bins = best_fit_decreasing(lengths, 1000)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1000 for b in bins if len(b) > 1)  # one row per over-long example
+    assert [sorted(b) for b in bins] == [[5], [2, 3], [0, 1], [4, 6]]
+
+
+def test_packed_rows_give_each_example_its_own_loss(make_recipe):
+    """Examples packed into rows never attend to each other or to the padding: the summed loss of a packed
+    micro-batch equals the sum of each example's loss computed alone."""
+    from qlora.collate import PackedCollator
+    from qlora.loss import fusable_head, trained_token_loss
+
+    recipe = make_recipe(rows=ROWS)
+    tok = load_tokenizer(recipe.model)
+    examples = [dict(zip(("input_ids", "labels"), encode_segments(tok, row_segments(r, recipe.data,
+                                                                                        TEMPLATES["alpaca"], tok))))
+                for r in ROWS[:4]]
+    capacity = max(len(e["input_ids"]) for e in examples) + 10  # several rows, some with padding
+    batch = PackedCollator(tok.pad_token_id, capacity)(examples)
+    assert batch["input_ids"].shape[0] > 1 and (batch["labels"] != -100).sum() == sum(
+        sum(x != -100 for x in e["labels"]) for e in examples)  # the first label of each is the masked BOS anyway
+    model = add_lora(load_quantized_base(recipe), recipe)
+    base = model.get_base_model()
+    head = fusable_head(base)
+    with torch.no_grad():
+        packed, _ = trained_token_loss(base, head, batch)
+        alone = sum(trained_token_loss(base, head, PackedCollator(tok.pad_token_id, capacity)([e]))[0]
+                    for e in examples)
+    assert abs(packed.item() - alone.item()) <= 1e-3 * alone.item()

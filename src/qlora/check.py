@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora.collate import best_fit_decreasing
 from qlora.config import Recipe
 from qlora.data import (IGNORE_INDEX, TEMPLATES, DataReport, Template, build_datasets, is_local_path, load_rows,
                         tokenize_rows)
 from qlora.errors import UserError
+from qlora.loss import CHUNK_ELEMENTS
 from qlora.rundir import RunPlan, data_fingerprint, plan_run, refuse_if_locked
 
 GB = 1024**3
@@ -24,8 +26,6 @@ NESTED_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax valu
 # optimizer state bytes per trainable parameter
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# TRL's fused LM head scores tokens in tiles of 4,096 tokens x 32,768 vocabulary entries (fp32)
-HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
 
 
 @dataclass
@@ -114,15 +114,17 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str
     # the checkpointed layer inputs are the residual stream, which has the embedding's dtype
     with_ckpt = shape.layers * tokens * shape.hidden * embedding + per_layer_full
     without_ckpt = shape.layers * per_layer_full
-    # the fused head keeps one fp32 tile of logits and its gradient alive, never the full tokens x vocab
-    head = min(tokens, HEAD_TILE_TOKENS) * min(shape.vocab, HEAD_TILE_VOCAB) * 4 * 2
+    # qlora.loss: one chunk of logits (the matmul's output and its float32 copy, which becomes the gradient in
+    # place), plus the gathered hidden states of the trained positions and their gradient; never tokens x vocab
+    chunk = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
+    head = chunk * shape.vocab * (compute + 4) + 2 * tokens * shape.hidden * embedding
     parts = {
         "nf4_weights" if q.load_in_4bit else "base_weights": weights,
         "quantization_constants": constants,
         "unquantized_weights": other,
         "lora_weights_grads_optimizer": adapters,
         "activations": with_ckpt if t.gradient_checkpointing else without_ckpt,
-        "lm_head_tiles": head,
+        "lm_head_chunk": head,
     }
     return {
         "parts": parts,
@@ -145,15 +147,7 @@ def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
 
 def packing_efficiency(lengths: list[int], capacity: int) -> float:
     """Real tokens / packed capacity with best-fit-decreasing packing into rows of `capacity` tokens."""
-    bins: list[int] = []  # free space left in each packed row
-    for n in sorted(lengths, reverse=True):
-        fits = [i for i, free in enumerate(bins) if free >= n]
-        if fits:
-            best = min(fits, key=lambda i: bins[i])
-            bins[best] -= n
-        else:
-            bins.append(capacity - n)
-    return sum(lengths) / (len(bins) * capacity)
+    return sum(lengths) / (len(best_fit_decreasing(lengths, capacity)) * capacity)
 
 
 @dataclass
@@ -302,7 +296,7 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         console.print(f"  {name:<30} {value / GB:8.3f} GiB")
     console.print(f"  activations: {m['activations_with_checkpointing'] / GB:.3f} GiB with gradient checkpointing, "
                   f"{m['activations_without_checkpointing'] / GB:.3f} GiB without")
-    console.print(f"  full logits, which the fused LM head never builds: {m['unfused_logits'] / GB:.3f} GiB")
+    console.print(f"  full logits, which qlora's loss never builds: {m['unfused_logits'] / GB:.3f} GiB")
     for number, example in enumerate(report.examples, start=1):
         console.print(f"[bold]example {number}[/] ([dim]masked[/] / [green]trained[/]):")
         if console.is_terminal:

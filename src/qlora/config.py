@@ -183,8 +183,10 @@ class TrainSection(_Section):
     )
     padding_free: bool = Field(
         True,
-        description="Concatenate each micro-batch into one row with position_ids: no pad tokens are computed and "
-        "no example attends to another (block-diagonal mask). Same loss as padded batches; off = pad each batch.",
+        description="Pack each micro-batch best-fit-decreasing into rows of at most data.max_length tokens with "
+        "position_ids: almost no pad tokens are computed, no example attends to another (block-diagonal mask), and "
+        "attention grows with each row's length, not the micro-batch's. Same loss as padded batches; off = pad each "
+        "batch.",
     )
     group_by_length: bool = Field(
         False, description="Batch rows of similar length: less padding when padding_free is off; changes data order."

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from qlora.check import Preflight, preflight
+from qlora.collate import PackedCollator
 from qlora.config import Recipe, dump_recipe
 from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError
@@ -139,6 +140,14 @@ def use_liger(setting: str) -> bool:
     return setting == "on" or (setting == "auto" and installed and torch.cuda.is_available())
 
 
+def collator(recipe: Recipe, tokenizer):
+    """qlora's best-fit-decreasing rows for train.padding_free (with flash-attention: TRL's one row, see
+    sft_config); None: TRL pads each micro-batch."""
+    if recipe.train.padding_free and recipe.model.attn_implementation != "flash_attention_2":
+        return PackedCollator(tokenizer.pad_token_id, recipe.data.max_length)
+    return None
+
+
 def sft_config(recipe: Recipe, run: Path):
     """SFTConfig from the recipe's train section (warmup_ratio becomes warmup_steps, a ratio when < 1)."""
     from trl import SFTConfig
@@ -174,7 +183,9 @@ def sft_config(recipe: Recipe, run: Path):
         include_num_input_tokens_seen="non_padding",
         dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenized and masked by data.py
         max_length=None,  # data.py already applied data.max_length and data.too_long
-        padding_free=t.padding_free,
+        # flash-attention's varlen kernel knows document boundaries: TRL's one-row padding-free batches suit it;
+        # elsewhere qlora's PackedCollator packs the micro-batches into rows (see `collator`)
+        padding_free=t.padding_free and recipe.model.attn_implementation == "flash_attention_2",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_liger_kernel=use_liger(t.liger),
         dataloader_pin_memory=False,
@@ -253,6 +264,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             train_dataset=dataset,
             eval_dataset=eval_dataset,
             processing_class=pre.tokenizer,
+            data_collator=collator(recipe, pre.tokenizer),
             callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
         )
         with out_of_memory_hint(recipe):
