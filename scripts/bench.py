@@ -1,27 +1,33 @@
-"""Side-by-side training throughput and memory: the seed notebooks' QLoRA setup vs qlora's defaults.
+"""Side-by-side training throughput and memory: the seed notebooks' QLoRA setup vs qlora's own training step.
 
-    python scripts/bench.py --shape gemma-2b --data ../shared/data/code_alpaca_2k.json --out benchmarks/results/x.json
+    python scripts/bench.py --shape gemma-2b --layers 2 --batch-size 4 --out benchmarks/results/gemma-2b-2l-b4-cpu.json
 
-A random model with exactly the shape's dimensions is saved once under --workdir and loaded in 4-bit NF4 with
-double quantization, then wrapped with LoRA r=16 on all linear layers, once per variant. The variants train
-on the same batches in ONE process, interleaved step by step; warm-up steps are excluded. benchmarks/README.md
-explains every number (the FLOPs formula included).
+A random model with the shape's real dimensions (`--layers` decoder layers of it, or all) is saved once under
+--workdir, loaded in 4-bit NF4 with double quantization and wrapped with LoRA r=16 on all linear layers, once per
+variant. The variants train on the same batches of real code_alpaca lengths in ONE process, interleaved step by
+step (the order alternating), warm-up steps excluded; each variant's peak memory is measured in a fresh process.
+benchmarks/README.md explains every number (the FLOPs formula included).
 
-- baseline: what the seed notebooks do with HF + PEFT + TRL defaults: every micro-batch padded to its longest
-  row, the model's standard loss over full logits, reentrant gradient checkpointing, AdamW.
-- qlora: our defaults: padding-free micro-batches, TRL's fused tiled LM head on trained tokens only,
-  non-reentrant checkpointing, float32 adapters, optimizer auto (paged 8-bit AdamW on CUDA).
+- baseline: what the seed notebooks do with HF + PEFT + TRL defaults: peft's float32 upcast, every micro-batch
+  padded to its longest row, the model's own loss over full logits, reentrant gradient checkpointing, AdamW,
+  autocast to the compute dtype.
+- qlora: what `qlora train` runs: qlora.model's loader and add_lora (embedding and head in bf16 with bf16 compute),
+  micro-batches packed best-fit-decreasing into rows (qlora.collate), qlora.loss (the head only at trained positions, fused with its gradient),
+  non-reentrant checkpointing, the recipe's optimizer (paged 8-bit AdamW, as the seed recipes), the same autocast.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
 import random
+import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,30 +44,39 @@ SHAPES = {
                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)),
     "phi-2": ("PhiConfig", dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.4)),
+    # small enough to train at full depth on a CPU
+    "qwen2.5-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                         tie_word_embeddings=True)),
+    "smollm2-360m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=960, intermediate_size=2560,
+                                         num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                                         tie_word_embeddings=True)),
     "tiny": None,  # qlora.tiny's Gemma: runs on CPU in seconds; claims no speed
 }
-# Dense bf16 peak FLOP/s by device name, for MFU.
-PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+VARIANTS = ("baseline", "qlora")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=SHAPES, required=True)
+    p.add_argument("--layers", type=int, help="decoder layers (default: all of the shape's)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "code_alpaca_2k.json",
                    help="Alpaca-style JSON list whose real lengths are used (default: the shared code_alpaca_2k; "
                         "falls back to our sample data when absent)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10, help="measured steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant first")
-    p.add_argument("--variants", default="baseline,qlora")
+    p.add_argument("--steps", type=int, default=10, help="steps per variant, warm-up included")
+    p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's fresh memory process")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"), help="where random weights are cached")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # the fresh memory process
     return p.parse_args()
 
 
 def build_examples(path: Path, max_length: int, vocab: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of every valid row, tokenized by qlora's tiny BPE tokenizer, ids folded into `vocab`."""
+    """(input_ids, labels) of every valid row, tokenized by qlora's tiny Gemma tokenizer, ids folded into `vocab`."""
     from qlora.config import DataSection
     from qlora.data import TEMPLATES, load_rows, tokenize_rows
     from qlora.tiny import build_tokenizer
@@ -103,66 +118,150 @@ def save_random_model(shape: str, workdir: Path, layers: int | None = None) -> P
     return target
 
 
-def load_variant(model_dir: Path, variant: str):
-    """(model, optimizer, step function) for a variant; the step function takes a list of examples."""
+def recipe_for(model_dir: Path, args, **train):
+    """qlora's defaults for the model, as `qlora train` resolves them on this machine (paged 8-bit AdamW)."""
+    from qlora.config import validate_recipe
+    from qlora.model import resolve_recipe
+
+    return resolve_recipe(validate_recipe({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": "bench.json", "max_length": args.max_length},
+        "train": {"output_dir": "bench", "batch_size": args.batch_size, "grad_accum": 1,
+                  "optimizer": "paged_adamw_8bit", **train},
+    }, "bench"))
+
+
+def optimizer_for(recipe, params):
+    """The recipe's optimizer, built by transformers' Trainer exactly as `qlora train` builds it."""
+    from transformers import Trainer, TrainingArguments
+
+    t = recipe.train
+    args = TrainingArguments(output_dir="/tmp/qlora-bench-unused", optim=t.optimizer, learning_rate=t.learning_rate,
+                             weight_decay=t.weight_decay, use_cpu=True, report_to="none")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return cls(params, **kwargs)
+
+
+def load_variant(model_dir: Path, variant: str, args):
+    """(model, step function) of a variant; the step function takes a list of (input_ids, labels)."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, set_seed
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    cuda = torch.cuda.is_available()
-    compute = torch.bfloat16 if cuda else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=compute,
-                                                 attn_implementation="sdpa",
-                                                 device_map={"": 0 if cuda else "cpu"})
-    model.config.use_cache = False
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    from qlora.collate import PackedCollator
+    from qlora.loss import fusable_head, trained_token_loss
+    from qlora.model import (add_lora, device_map, get_lora_config, get_quantization_config, load_quantized_base,
+                             torch_dtype)
+
+    recipe = recipe_for(model_dir, args)
+    compute = torch_dtype(recipe.quantization.compute_dtype)
+    set_seed(recipe.train.seed)  # the same adapter initialisation in both variants
     if variant == "baseline":
-        model = get_peft_model(prepare_model_for_kbit_training(model), lora)  # peft's default: reentrant
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=get_quantization_config(recipe.quantization), dtype=compute,
+            attn_implementation="sdpa", device_map=device_map())
+        model.config.use_cache = False
+        model = get_peft_model(prepare_model_for_kbit_training(model), get_lora_config(recipe.lora))  # reentrant
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate)
         collate = DataCollatorForLanguageModeling(pad_token_id=0)
 
         def loss_of(batch):
             return model(**batch).loss
     else:
-        from trl.trainer.utils import add_fused_lm_head
-
-        model = prepare_model_for_kbit_training(
-            model, gradient_checkpointing_kwargs={"use_reentrant": False})
-        add_fused_lm_head(model)
-        model = get_peft_model(model, lora)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        model = add_lora(load_quantized_base(recipe), recipe)
+        model.enable_input_require_grads()  # as the trainer does for checkpointing
         params = [p for p in model.parameters() if p.requires_grad]
-        if cuda:
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=2e-4)
-        collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+        optimizer = optimizer_for(recipe, params)
+        collate = PackedCollator(pad_token_id=0, capacity=args.max_length)
+        base = model.get_base_model()
+        head = fusable_head(base)
 
         def loss_of(batch):
-            return model(**batch, fused_lm_head=True).loss
+            total, count = trained_token_loss(base, head, batch)
+            return total / count
 
     device = next(model.parameters()).device
+    model.train()
 
     def step(examples):
         batch = collate([{"input_ids": i, "labels": l} for i, l in examples])
-        real = sum(len(i) for i, _ in examples)
-        total = batch["input_ids"].numel()
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-        loss = loss_of(batch)
+        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+            loss = loss_of(batch)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item(), real, total
+        return loss.item(), sum(len(i) for i, _ in examples), batch["input_ids"].numel()
 
-    model.train()
-    return model, optimizer, step
+    return model, step
+
+
+def proc_status_bytes(field: str) -> int:
+    """A VmRSS / VmHWM figure of this process, in bytes."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+def reset_peak_rss() -> int:
+    """Hand freed heap back to the system and reset VmHWM to the current RSS, which is returned."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_bytes("VmRSS")
+
+
+def measure_memory(model_dir: Path, batches, args) -> dict:
+    """Peak memory of a variant's first steps, in this fresh process: RSS on CPU (VmHWM, reset once the model is
+    loaded, so loading does not count), allocated bytes on CUDA."""
+    import torch
+
+    _, step = load_variant(model_dir, args.memory_of, args)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        loaded = torch.cuda.memory_allocated()
+    else:
+        loaded = reset_peak_rss()
+    for batch in batches[:args.memory_steps]:
+        step(batch)
+    peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
+    return {"memory_kind": "cuda_allocated" if cuda else "cpu_rss", "loaded_bytes": loaded, "peak_bytes": peak,
+            "peak_increase_in_steps_bytes": peak - loaded}
+
+
+def memory_in_fresh_process(name: str, script: str = __file__) -> dict:
+    """`script` run again with this command's arguments and `--memory-of name`: its last stdout line, as JSON."""
+    argv = sys.argv[1:]
+    if "--out" in argv:
+        del argv[argv.index("--out"):argv.index("--out") + 2]
+    result = subprocess.run([sys.executable, script, *argv, "--memory-of", name], capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"the memory process of {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak_flops() -> tuple[float, str]:
+    """This device's measured dense matmul throughput in the compute dtype (the best of several 2048^3 products):
+    the denominator of MFU, since a CPU has no published bf16 peak."""
+    import torch
+
+    from qlora.model import resolve_compute_dtype, torch_dtype
+
+    dtype = torch_dtype(resolve_compute_dtype("auto"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best, str(dtype).removeprefix("torch.")
 
 
 def flops_per_sequence(shape_dims: dict, linear_params: int, length: int) -> float:
@@ -191,6 +290,16 @@ def versions() -> dict[str, str]:
     return {n: md.version(n) for n in names} | {"python": platform.python_version()}
 
 
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    return f"CPU ({model.group(1) if model else platform.machine()}, {os.cpu_count()} cores)"
+
+
 def write_report(report: dict, out: Path | None) -> None:
     """Print the report as JSON, and write it to `out` when given."""
     text = json.dumps(report, indent=1)
@@ -200,101 +309,97 @@ def write_report(report: dict, out: Path | None) -> None:
     print(text)
 
 
+def batches_for(model_dir: Path, args):
+    from transformers import AutoConfig
+
+    examples = build_examples(args.data, args.max_length, AutoConfig.from_pretrained(model_dir).vocab_size)
+    random.Random(0).shuffle(examples)
+    n, size = len(examples), args.batch_size
+    return [[examples[(i * size + j) % n] for j in range(size)] for i in range(max(args.steps, args.memory_steps))]
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_dir = save_random_model(args.shape, args.workdir, args.layers)
+    batches = batches_for(model_dir, args)
+    if args.memory_of:
+        print(json.dumps(measure_memory(model_dir, batches, args)))
+        return
+
     import torch
 
     from qlora.check import estimate_memory, model_shape
-    from qlora.config import validate_recipe
-    from qlora.model import resolve_recipe
-
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                        f"{os.cpu_count()} cores)"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None) if cuda else None
-    model_dir = save_random_model(args.shape, args.workdir)
-    dims, linear_params = model_dims(model_dir)
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    examples = build_examples(args.data, args.max_length, vocab)
-    random.Random(0).shuffle(examples)
-    total_steps = args.warmup + args.steps
-    n, size = len(examples), args.batch_size
-    batches = [[examples[(i * size + j) % n] for j in range(size)] for i in range(total_steps)]
 
     names = args.variants.split(",")
-    variants = {}
+    memory = {}
     for name in names:
-        before = torch.cuda.memory_allocated() if cuda else 0
-        model, optimizer, step = load_variant(model_dir, name)
-        variants[name] = {"step": step, "model_bytes": (torch.cuda.memory_allocated() - before) if cuda else None,
-                          "optimizer": optimizer, "times": [], "real": 0, "total": 0, "step_peaks": [],
-                          "losses": []}
-
-    reserved = 0
-    for index, batch in enumerate(batches):  # interleaved: every variant takes each step in turn
-        for name in names:
-            v = variants[name]
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                at_start = torch.cuda.memory_allocated()
+        memory[name] = memory_in_fresh_process(name)
+        print(f"{name}: {memory[name]}", file=sys.stderr)
+    steps = {name: load_variant(model_dir, name, args)[1] for name in names}
+    times = {name: [] for name in names}
+    losses = {name: [] for name in names}
+    padded = {name: 0 for name in names}
+    real_tokens = 0
+    for index, batch in enumerate(batches[:args.steps]):
+        for name in names[index % len(names):] + names[:index % len(names)]:  # no variant always goes first
             start = time.perf_counter()
-            loss, real, total = v["step"](batch)
-            if cuda:
-                torch.cuda.synchronize()
-                v["step_peaks"].append(torch.cuda.max_memory_allocated() - at_start)
-                reserved = max(reserved, torch.cuda.max_memory_reserved())
+            loss, real, total = steps[name](batch)
             elapsed = time.perf_counter() - start
-            v["losses"].append(loss)
+            losses[name].append(loss)
             if index >= args.warmup:
-                v["times"].append(elapsed)
-                v["real"] += real
-                v["total"] += total
-        print(f"step {index + 1}/{total_steps} done", file=sys.stderr)
+                times[name].append(elapsed)
+                padded[name] += total
+        if index >= args.warmup:
+            real_tokens += real
+        print(f"step {index + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1] if times[n] else 0:.2f}s"
+                                                            for n in names), file=sys.stderr)
 
-    flops = sum(flops_per_sequence(dims, linear_params, len(i)) for b in batches[args.warmup:] for i, _ in b)
+    dims, linear_params = model_dims(model_dir)
+    peak_flops, peak_dtype = matmul_peak_flops()
+    flops = sum(flops_per_sequence(dims, linear_params, len(i)) for b in batches[args.warmup:args.steps] for i, _ in b)
+    reference = names[0]
     results = {}
     for name in names:
-        v = variants[name]
-        seconds = sum(v["times"])
-        optimizer_bytes = sum(t.numel() * t.element_size() for s in v["optimizer"].state.values()
-                              for t in s.values() if torch.is_tensor(t))
-        peak_allocated = (v["model_bytes"] + optimizer_bytes + max(v["step_peaks"])) if cuda else None
+        seconds = sum(times[name])
         results[name] = {
-            "tokens_per_second": v["real"] / seconds,
-            "step_time_s": statistics.mean(v["times"]),
-            "step_time_s_stdev": statistics.pstdev(v["times"]),
-            "padding_fraction": 1 - v["real"] / v["total"],
-            "peak_memory_allocated_bytes": peak_allocated,
-            "mfu": flops / seconds / peak if peak else None,
-            "final_loss": v["losses"][-1],
+            **memory[name],
+            "tokens_per_second": real_tokens / seconds,
+            "step_time_s": statistics.mean(times[name]),
+            "step_time_s_stdev": statistics.pstdev(times[name]),
+            "step_time_ratio_to_reference_median": statistics.median(
+                t / r for t, r in zip(times[name], times[reference])),
+            "padding_fraction": 1 - real_tokens / padded[name],
+            "mfu": flops / seconds / peak_flops,
+            "losses": losses[name],
         }
-    recipe = resolve_recipe(validate_recipe({
-        "model": {"name_or_path": str(model_dir)}, "data": {"path": "bench.json", "max_length": args.max_length},
-        "train": {"output_dir": "bench", "batch_size": args.batch_size, "grad_accum": 1},
-    }, "bench"))
-    longest = max(len(i) for b in batches for i, _ in b)
+    recipe = recipe_for(model_dir, args)
+    longest = max(len(i) for b in batches[:args.memory_steps] for i, _ in b)
     estimate = estimate_memory(recipe, model_shape(recipe), longest)
-    if "qlora" in results:
-        results["qlora"]["memory_estimate_bytes"] = estimate["total"]
     report = {
-        "device": device,
+        "device": device_name(),
         "shape": args.shape,
+        "layers": args.layers,
         "versions": versions(),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "load_average": os.getloadavg(),
         "settings": {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps,
-                     "warmup": args.warmup, "data": str(args.data if args.data.is_file() else SAMPLE_DATA),
-                     "peak_reserved_bytes_process": reserved if cuda else None},
+                     "warmup": args.warmup, "memory_steps": args.memory_steps,
+                     "compute_dtype": recipe.quantization.compute_dtype, "torch_threads": torch.get_num_threads(),
+                     "data": str(args.data if args.data.is_file() else SAMPLE_DATA),
+                     "tokens_per_step_mean": real_tokens / max(1, args.steps - args.warmup),
+                     "matmul_peak_flops": peak_flops, "matmul_peak_dtype": peak_dtype},
+        "qlora_check_estimate": {"total_bytes": estimate["total"], "parts": estimate["parts"],
+                                 "longest_example": longest},
         "variants": results,
     }
     if {"baseline", "qlora"} <= set(results):
         b, q = results["baseline"], results["qlora"]
         report["ratios"] = {
             "tokens_per_second": q["tokens_per_second"] / b["tokens_per_second"],
-            "peak_memory": (q["peak_memory_allocated_bytes"] / b["peak_memory_allocated_bytes"]) if cuda else None,
+            "step_time_median_paired": q["step_time_ratio_to_reference_median"] if reference == "baseline" else None,
+            "peak_memory_increase_in_steps": q["peak_increase_in_steps_bytes"] / b["peak_increase_in_steps_bytes"],
+            "peak_memory": q["peak_bytes"] / b["peak_bytes"],
         }
     write_report(report, args.out)
 

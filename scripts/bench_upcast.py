@@ -27,21 +27,18 @@ recipes). The report also holds what add_lora itself leaves and `qlora check`'s 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (ROOT, SAMPLE_DATA, SHAPES, build_examples, save_random_model, versions,  # noqa: E402
-                   write_report)
+from bench import (ROOT, SAMPLE_DATA, SHAPES, batches_for, memory_in_fresh_process, optimizer_for,  # noqa: E402
+                   proc_status_bytes, reset_peak_rss, save_random_model, versions, write_report)
 
 VARIANTS = ("upcast", "norms-fp32", "no-upcast")
 CONTROL = "control"  # the first variant again, with other dropout masks
@@ -137,17 +134,6 @@ def load_variant(model_dir: Path, variant: str, args):
     return model, step, as_add_lora_leaves_it
 
 
-def optimizer_for(recipe, params):
-    """The recipe's optimizer, built by transformers' Trainer exactly as `qlora train` builds it."""
-    from transformers import Trainer, TrainingArguments
-
-    t = recipe.train
-    args = TrainingArguments(output_dir="/tmp/qlora-bench-unused", optim=t.optimizer, learning_rate=t.learning_rate,
-                             weight_decay=t.weight_decay, use_cpu=True, report_to="none")
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-    return cls(params, **kwargs)
-
-
 def parameter_bytes(model) -> dict[str, int]:
     frozen = frozen_float_params(model)
     return {"frozen_non_4bit_bytes": sum(p.numel() * p.element_size() for p in frozen),
@@ -162,44 +148,15 @@ def adapter_vector(model):
     return torch.cat([p.detach().flatten().float() for p in model.parameters() if p.requires_grad])
 
 
-def proc_status_bytes(field: str) -> int:
-    """A VmRSS / VmHWM figure of this process, in bytes."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) * 1024
-
-
 def measure_memory(model_dir: Path, batches, args) -> dict:
     """Peak RSS of a variant's first training steps; run in a fresh process (--memory-of)."""
     model, step, add_lora_bytes = load_variant(model_dir, args.memory_of, args)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand loading's freed heap back, so RSS starts from what stays
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    loaded = proc_status_bytes("VmRSS")
+    loaded = reset_peak_rss()  # loading's freed heap handed back: RSS starts from what stays
     for index, batch in enumerate(batches[:args.memory_steps]):
         step(batch, seed=index)
     peak = proc_status_bytes("VmHWM")
     return {**parameter_bytes(model), "rss_loaded_bytes": loaded, "peak_rss_bytes": peak,
             "peak_rss_increase_in_steps_bytes": peak - loaded, "add_lora": add_lora_bytes}
-
-
-def batches_for(model_dir: Path, args):
-    import random
-
-    from transformers import AutoConfig
-
-    examples = build_examples(args.data, args.max_length, AutoConfig.from_pretrained(model_dir).vocab_size)
-    random.Random(0).shuffle(examples)
-    n, size = len(examples), args.batch_size
-    return [[examples[(i * size + j) % n] for j in range(size)] for i in range(max(args.steps, args.memory_steps))]
-
-
-def memory_in_fresh_process(name: str) -> dict:
-    argv = sys.argv[1:]
-    if "--out" in argv:
-        del argv[argv.index("--out"):argv.index("--out") + 2]
-    result = subprocess.run([sys.executable, __file__, *argv, "--memory-of", name], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"the memory process of {name} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -218,7 +175,7 @@ def main() -> None:
     names = args.variants.split(",")
     memory = {}
     for name in names:
-        memory[name] = memory_in_fresh_process(name)
+        memory[name] = memory_in_fresh_process(name, __file__)
         print(f"{name}: {memory[name]}", file=sys.stderr)
     add_lora_bytes = [memory[name].pop("add_lora") for name in names][0]  # the same in every process
     reference = names[0]

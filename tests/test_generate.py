@@ -129,3 +129,12 @@ def test_usage_errors_exit_2_before_loading_anything(tmp_path):
     assert cli(tmp_path).returncode == 2
     result = cli(tmp_path, "--prompt", "x")
     assert result.returncode == 2 and "not a qlora run directory" in result.stderr
+
+
+def test_a_finished_output_file_is_left_alone_without_loading_a_model(tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps(ROW) + "\n")
+    out.write_text(json.dumps({**ROW, "generation": "x"}) + "\n")
+    result = cli(tmp_path / "no-run", "--input-file", source, "--output-file", out)  # no model anywhere
+    assert result.returncode == 0 and "all 1 rows are already in" in result.stderr
+    assert out.read_text() == json.dumps({**ROW, "generation": "x"}) + "\n"

@@ -144,7 +144,9 @@ def generate(
             g.check_streamable(defaults)
         if input_file is not None:
             rows = g.read_prompt_rows(input_file)
-            g.rows_already_written(output_file, input_file, rows)
+            if g.rows_already_written(output_file, input_file, rows) == len(rows):
+                typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
+                return
         loaded = g.load_run(run)
         sampling = with_generation_overrides(loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
         if stream or chat:
