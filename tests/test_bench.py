@@ -19,7 +19,8 @@ def test_bench_tiny_writes_the_documented_report(tmp_path):
     for v in (baseline, qlora):
         assert v["tokens_per_second"] > 0 and v["step_time_s"] > 0 and 0 < v["mfu"] < 1
         assert v["peak_bytes"] >= v["loaded_bytes"] > 0 and v["memory_kind"] == "cpu_rss"
-    assert qlora["padding_fraction"] == 0 < baseline["padding_fraction"]
+    # rows packed best-fit-decreasing into max_length (512 here) pad less than each batch padded to its longest row
+    assert qlora["padding_fraction"] < baseline["padding_fraction"]
     # the same first batch from the same weights: the same loss, whichever way it is computed
     assert abs(qlora["losses"][0] - baseline["losses"][0]) / baseline["losses"][0] < 0.01
     assert report["ratios"]["tokens_per_second"] == qlora["tokens_per_second"] / baseline["tokens_per_second"]
