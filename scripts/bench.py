@@ -19,6 +19,7 @@ benchmarks/README.md explains every number (the FLOPs formula included).
 from __future__ import annotations
 
 import argparse
+import bisect
 import ctypes
 import json
 import os
@@ -71,6 +72,8 @@ def parse_args():
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"), help="where random weights are cached")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure each variant's memory (and qlora's by part against `qlora check`), not its speed")
     p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # the fresh memory process
     return p.parse_args()
 
@@ -143,14 +146,17 @@ def optimizer_for(recipe, params):
 
 
 def load_variant(model_dir: Path, variant: str, args):
-    """(model, step function) of a variant; the step function takes a list of (input_ids, labels)."""
+    """(model, step function) of a variant; the step function takes a list of (input_ids, labels) and, optionally,
+    `phase`: a context manager factory wrapped around the step's "forward", "backward" and "optimizer" phases."""
+    import contextlib
+
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, set_seed
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from qlora.collate import PackedCollator
-    from qlora.loss import fusable_head, trained_token_loss
+    from qlora.loss import add_trained_token_loss
     from qlora.model import (add_lora, device_map, get_lora_config, get_quantization_config, load_quantized_base,
                              torch_dtype)
 
@@ -175,28 +181,47 @@ def load_variant(model_dir: Path, variant: str, args):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer_for(recipe, params)
         collate = PackedCollator(pad_token_id=0, capacity=args.max_length)
-        base = model.get_base_model()
-        head = fusable_head(base)
+        add_trained_token_loss(model.get_base_model())
 
         def loss_of(batch):
-            total, count = trained_token_loss(base, head, batch)
+            total, count = model(**batch, qlora_loss=True)
             return total / count
 
     device = next(model.parameters()).device
     model.train()
 
-    def step(examples):
+    def step(examples, phase=lambda name: contextlib.nullcontext()):
         batch = collate([{"input_ids": i, "labels": l} for i, l in examples])
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+        with phase("forward"), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
             loss = loss_of(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.item(), sum(len(i) for i, _ in examples), batch["input_ids"].numel()
 
-    return model, step
+    return model, step, optimizer
+
+
+def estimate_vs_measured(recipe, shape, measured: dict) -> dict:
+    """`qlora check`'s estimate for the measured micro-batch's tokens next to the measured bytes, part by part."""
+    from qlora.check import estimate_memory
+
+    parts = estimate_memory(recipe, shape, measured["step_tokens"], measured["step_trained_tokens"])["parts"]
+    weights = ("nf4_weights", "quantization_constants", "unquantized_weights")
+    pairs = {
+        "weights": (sum(parts[k] for k in weights), sum(measured[k] for k in weights)),
+        **{k: (parts[k], measured[k]) for k in weights},
+        "lora_weights_grads_optimizer": (parts["lora_weights_grads_optimizer"], measured["lora_weights"]
+                                         + measured["lora_gradients"] + measured["lora_optimizer_state"]),
+        "activations": (parts["activations"], measured["activations"]),
+        "lm_head_chunk": (parts["lm_head_chunk"], measured["lm_head_loss"]),
+    }
+    return {"tokens": measured["step_tokens"], "trained_tokens": measured["step_trained_tokens"],
+            **{k: {"estimate": e, "measured": m, "ratio": e / m} for k, (e, m) in pairs.items()}}
 
 
 def proc_status_bytes(field: str) -> int:
@@ -217,7 +242,7 @@ def measure_memory(model_dir: Path, batches, args) -> dict:
     loaded, so loading does not count), allocated bytes on CUDA."""
     import torch
 
-    _, step = load_variant(model_dir, args.memory_of, args)
+    model, step, optimizer = load_variant(model_dir, args.memory_of, args)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -227,8 +252,98 @@ def measure_memory(model_dir: Path, batches, args) -> dict:
     for batch in batches[:args.memory_steps]:
         step(batch)
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
-    return {"memory_kind": "cuda_allocated" if cuda else "cpu_rss", "loaded_bytes": loaded, "peak_bytes": peak,
-            "peak_increase_in_steps_bytes": peak - loaded}
+    memory = {"memory_kind": "cuda_allocated" if cuda else "cpu_rss", "loaded_bytes": loaded, "peak_bytes": peak,
+              "peak_increase_in_steps_bytes": peak - loaded}
+    if args.memory_of == "qlora":
+        grads = {}
+        optimizer.register_step_pre_hook(lambda *_: grads.update(
+            lora_gradients=sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)))
+        memory["parts"] = (tensor_bytes(model, optimizer)
+                           | step_allocations(model, step, batches[args.memory_steps % len(batches)]) | grads)
+    return memory
+
+
+def tensor_bytes(model, optimizer) -> dict[str, int]:
+    """What the loaded model and the optimizer hold, by the parts of `qlora check`'s estimate, summed over the
+    tensors themselves (each storage once): NF4 weights, their quantization constants, the weights left
+    unquantized, and the LoRA weights with their optimizer state."""
+    import bitsandbytes as bnb
+
+    seen, parts = set(), {"nf4_weights": 0, "quantization_constants": 0, "unquantized_weights": 0,
+                          "lora_weights": 0, "lora_optimizer_state": 0}
+
+    def add(part, tensor):
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            parts[part] += tensor.untyped_storage().nbytes()
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(tensor, bnb.nn.Params4bit):
+            add("nf4_weights", tensor)
+            state = tensor.quant_state
+            for constant in (state.absmax, state.code, state.offset, *((state.state2.absmax, state.state2.code)
+                                                                        if state.nested else ())):
+                add("quantization_constants", constant)
+        else:
+            add("lora_weights" if "lora_" in name else "unquantized_weights", tensor)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if hasattr(value, "untyped_storage"):
+                add("lora_optimizer_state", value)
+    return parts
+
+
+def step_allocations(model, step, batch) -> dict[str, int]:
+    """Bytes the torch allocator hands out during one training step, by part, from the profiler's allocation
+    events: `activations`, what the backbone keeps from its forward pass for backward plus the most that backward's
+    recomputation adds on top; `lm_head_loss`, the loss's peak above what the backbone returned (qlora.loss's chunk
+    of logits, the gathered hidden states and their gradient); `step_peak`, the peak over the whole step; each
+    relative to the step's start."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = torch.cuda.is_available()
+    device_type = torch._C._autograd.DeviceType.CUDA if cuda else torch._C._autograd.DeviceType.CPU
+    base = model.get_base_model()
+    backbone = getattr(base, base.base_model_prefix)
+    body = record_function("backbone")
+    hooks = [backbone.register_forward_pre_hook(lambda *_: body.__enter__() and None),
+             backbone.register_forward_hook(lambda *_: body.__exit__(None, None, None))]
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, profile_memory=True) as prof:
+        _, _, tokens = step(batch, phase=record_function)
+    for hook in hooks:
+        hook.remove()
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    ranges = {e.name(): (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+              if e.name() in ("forward", "backbone", "backward", "optimizer")}
+    times, levels, live = [], [], 0
+    for e in events:
+        if e.name() == "[memory]" and e.device_type() == device_type:
+            live += e.nbytes()
+            times.append(e.start_ns())
+            levels.append(live)
+
+    def level_at(t):
+        index = bisect.bisect_right(times, t)
+        return levels[index - 1] if index else 0
+
+    def peak_in(start, end):
+        return max(levels[bisect.bisect_left(times, start):bisect.bisect_right(times, end)], default=level_at(start))
+
+    forward, backbone_range, backward = ranges["forward"], ranges["backbone"], ranges["backward"]
+    kept = level_at(backbone_range[1])
+    head_kept = max(0, level_at(forward[1]) - kept)  # the loss's saved input gradient, freed early in backward
+    in_backward = peak_in(*backward) - head_kept
+    return {
+        "activations": max(kept, in_backward),
+        "activations_after_forward": kept,
+        "activations_in_backward": in_backward,
+        "lm_head_loss": peak_in(backbone_range[1], forward[1]) - kept,
+        "step_peak": max(levels),
+        "step_tokens": tokens,  # padding included: the tokens every layer computes
+        "step_trained_tokens": sum(sum(label != -100 for label in labels[1:]) for _, labels in batch),
+    }
 
 
 def memory_in_fresh_process(name: str, script: str = __file__) -> dict:
@@ -336,6 +451,24 @@ def main() -> None:
     for name in names:
         memory[name] = memory_in_fresh_process(name)
         print(f"{name}: {memory[name]}", file=sys.stderr)
+    recipe = recipe_for(model_dir, args)
+    shape = model_shape(recipe)
+    longest = max(len(i) for b in batches[:args.memory_steps] for i, _ in b)
+    estimate = estimate_memory(recipe, shape, args.batch_size * longest)
+    report = {
+        "device": device_name(),
+        "shape": args.shape,
+        "layers": args.layers,
+        "versions": versions(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "qlora_check_estimate": {"total_bytes": estimate["total"], "parts": estimate["parts"],
+                                 "longest_example": longest},
+    }
+    if "parts" in memory.get("qlora", {}):
+        report["estimate_vs_measured"] = estimate_vs_measured(recipe, shape, memory["qlora"]["parts"])
+    if args.memory_only:
+        write_report(report | {"load_average": os.getloadavg(), "variants": memory}, args.out)
+        return
     steps = {name: load_variant(model_dir, name, args)[1] for name in names}
     times = {name: [] for name in names}
     losses = {name: [] for name in names}
@@ -373,15 +506,7 @@ def main() -> None:
             "mfu": flops / seconds / peak_flops,
             "losses": losses[name],
         }
-    recipe = recipe_for(model_dir, args)
-    longest = max(len(i) for b in batches[:args.memory_steps] for i, _ in b)
-    estimate = estimate_memory(recipe, model_shape(recipe), longest)
-    report = {
-        "device": device_name(),
-        "shape": args.shape,
-        "layers": args.layers,
-        "versions": versions(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+    report |= {
         "load_average": os.getloadavg(),
         "settings": {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps,
                      "warmup": args.warmup, "memory_steps": args.memory_steps,
@@ -389,8 +514,6 @@ def main() -> None:
                      "data": str(args.data if args.data.is_file() else SAMPLE_DATA),
                      "tokens_per_step_mean": real_tokens / max(1, args.steps - args.warmup),
                      "matmul_peak_flops": peak_flops, "matmul_peak_dtype": peak_dtype},
-        "qlora_check_estimate": {"total_bytes": estimate["total"], "parts": estimate["parts"],
-                                 "longest_example": longest},
         "variants": results,
     }
     if {"baseline", "qlora"} <= set(results):

@@ -1,6 +1,7 @@
 """qlora check: the pre-flight report, its exit codes, and the memory estimate's arithmetic."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,26 +60,34 @@ def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
     recipe = validate_recipe(raw, "r")
     shape = model_shape(recipe)
     assert shape.lora == 19_611_648  # the figure peft prints for Gemma-2B, r=16, all-linear
-    m = estimate_memory(recipe, shape, longest=1024)
+    m = estimate_memory(recipe, shape, tokens=4 * 1024)
     parts = m["parts"]
     assert parts["nf4_weights"] == shape.quantized / 2
     # one chunk of 2^25 // 256000 = 131 tokens of logits (bf16 matmul output + float32 copy) + hidden states, gradient
-    assert parts["lm_head_chunk"] == 131 * 256000 * (2 + 4) + 2 * 4 * 1024 * 2048 * 2
+    assert parts["lm_head_chunk"] == 131 * 256000 * (2 + 4) + 2 * 4 * 1024 * 2048 * 4
     assert m["unfused_logits"] == 4 * 1024 * 256000 * (2 + 4 + 4)
     assert parts["lora_weights_grads_optimizer"] == shape.lora * 10
     # bf16 compute: the tied 256k x 2048 embedding in bf16 (0.98 GiB), the norms in float32
     assert shape.embeddings == 256000 * 2048 and 0 < shape.other - shape.embeddings < 100_000
     assert parts["unquantized_weights"] == shape.embeddings * 2 + (shape.other - shape.embeddings) * 4
     assert m["activations_with_checkpointing"] < m["activations_without_checkpointing"]
-    assert 3 * GB < m["total"] < 4 * GB  # 3.46 GiB
+    assert 4.7 * GB < m["total"] < 5 * GB  # 4.88 GiB
     single_quant = {"compute_dtype": "bfloat16", "double_quant": False}
-    single = estimate_memory(validate_recipe({**raw, "quantization": single_quant}, "r"), shape, 1024)
+    single = estimate_memory(validate_recipe({**raw, "quantization": single_quant}, "r"), shape, 4 * 1024)
     assert single["parts"]["quantization_constants"] > 3 * parts["quantization_constants"]
-    # float16 keeps peft's float32 upcast (fp16's range), and so a float32 residual stream
-    fp16 = estimate_memory(validate_recipe({**raw, "quantization": {"compute_dtype": "float16"}}, "r"), shape, 1024)
+    # float16 keeps peft's float32 upcast (fp16's range); the residual stream is float32 either way (the norms)
+    fp16 = estimate_memory(validate_recipe({**raw, "quantization": {"compute_dtype": "float16"}}, "r"), shape, 4 * 1024)
     assert fp16["parts"]["unquantized_weights"] == shape.other * 4
-    residual = 18 * 4 * 1024 * 2048  # layers x tokens x hidden, the checkpointed layer inputs
-    assert fp16["activations_with_checkpointing"] - m["activations_with_checkpointing"] == residual * (4 - 2)
+    assert fp16["activations_with_checkpointing"] == m["activations_with_checkpointing"]
+    # the checkpointed layer inputs, one layer's saved tensors, the largest weight dequantized (16384 x 2048)
+    per_layer = 4 * 1024 * (22 * 16384 + 48 * 2048 + 4 * 256)
+    assert m["activations_with_checkpointing"] == 18 * 4 * 1024 * 2048 * 5 + per_layer + 16384 * 2048 * 2
+    # per GPU: DDP holds everything on each; FSDP splits the weights and the adapter's state, not the activations
+    assert estimate_memory(recipe, shape, 4 * 1024, processes=4)["parts"] == parts
+    fsdp = validate_recipe({**raw, "quantization": {"compute_dtype": "bfloat16", "quant_storage": "bfloat16"},
+                            "train": {**raw["train"], "distributed": "fsdp"}}, "r")
+    split = estimate_memory(fsdp, shape, 4 * 1024, processes=4)["parts"]
+    assert split["nf4_weights"] == parts["nf4_weights"] / 4 and split["activations"] == parts["activations"]
 
 
 def run_check(recipe_path, *args):
@@ -125,3 +134,11 @@ def test_the_same_file_as_jsonl_parquet_and_csv_gives_the_same_report(tmp_path, 
         reports.append(report)
     assert reports[0] == reports[1] == reports[2]
     assert reports[0]["data"]["invalid"] == {"empty output": [237, 1859]}
+
+
+def test_check_prints_the_memory_of_each_gpu_for_several(tmp_path, tiny_model):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([ROW]))
+    result = run_check(write_recipe(tmp_path, tiny_model, data), "--nproc-per-node", "4", "--nnodes", "2")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"peak GPU memory estimate: [\d.]+ GiB per GPU, 8 GPUs with ddp", result.stdout)

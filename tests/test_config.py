@@ -53,6 +53,16 @@ def test_wrong_choice_lists_what_is_allowed():
     assert "quantization.quant_type" in message and "'nf4'" in message and "'fp4'" in message
 
 
+def test_fsdp_needs_the_4bit_weights_in_a_float_storage():
+    fsdp = {**MINIMAL, "train": {**MINIMAL["train"], "distributed": "fsdp"}}
+    assert error_for(fsdp) == ("r.yaml: train.distributed: fsdp shards the 4-bit weights, which FSDP can only do when "
+                               "they are stored in a float dtype: set quantization.quant_storage to the compute dtype "
+                               "(bfloat16)")
+    recipe = validate_recipe({**fsdp, "quantization": {"quant_storage": "bfloat16"}}, "r.yaml")
+    assert recipe.train.distributed == "fsdp"
+    assert validate_recipe({**fsdp, "quantization": {"load_in_4bit": False}}, "r.yaml")  # nothing to shard in 4 bits
+
+
 def test_missing_required_key_is_named():
     assert "data.path is required" in error_for({**MINIMAL, "data": {}})
 

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from qlora.check import check
 from qlora.errors import UserError
-from qlora.model import (add_lora, check_single_device, cpu_has_native_bf16, get_quantization_config,
+from qlora.model import (add_lora, check_devices, cpu_has_native_bf16, get_quantization_config,
                          load_quantized_base, resolve_recipe)
 from qlora.train import train
 
@@ -66,8 +66,9 @@ def test_a_model_class_without_sdpa_falls_back_to_eager(make_recipe, tmp_path):
 @pytest.mark.parametrize("sections, env, message", [
     ({"quantization": {"compute_dtype": "float16"}}, {}, "quantization.compute_dtype: float16 mixed precision needs"),
     ({"model": {"attn_implementation": "flash_attention_2"}}, {}, "model.attn_implementation: flash_attention_2 needs"),
-    ({}, {"WORLD_SIZE": "2"}, "WORLD_SIZE=2: qlora trains in one process for now"),
-], ids=["fp16-on-cpu", "flash-attn-on-cpu", "torchrun"])
+    ({"quantization": {"quant_storage": "bfloat16"}, "train": {"distributed": "fsdp"}}, {},
+     "train.distributed: fsdp shards the model across CUDA GPUs and this machine has none; use ddp"),
+], ids=["fp16-on-cpu", "flash-attn-on-cpu", "fsdp-on-cpu"])
 def test_check_and_train_refuse_what_this_machine_cannot_run(make_recipe, monkeypatch, sections, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -81,8 +82,11 @@ def test_check_and_train_refuse_what_this_machine_cannot_run(make_recipe, monkey
 def test_several_visible_gpus_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    with pytest.raises(UserError, match="4 CUDA devices are visible .* CUDA_VISIBLE_DEVICES=0"):
-        check_single_device()
+    with pytest.raises(UserError, match="4 CUDA devices are visible: train on all of them with `qlora train RECIPE "
+                                        "--nproc-per-node 4`, or on one with CUDA_VISIBLE_DEVICES=0"):
+        check_devices()
+    monkeypatch.setenv("WORLD_SIZE", "4")  # one process per GPU under torchrun
+    check_devices()
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama"], ids=["tied-head", "untied-head"])

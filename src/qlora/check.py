@@ -40,6 +40,8 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    kv: int  # width of the key and value projections (key-value heads x head size)
+    largest: int  # weights of the largest quantized linear layer, which is dequantized whole for its matmul
 
 
 def model_shape(recipe: Recipe) -> ModelShape:
@@ -59,22 +61,26 @@ def model_shape(recipe: Recipe) -> ModelShape:
     if head is not None and head.weight is not embedding.weight:
         embeddings += head.weight.numel()
     targets = recipe.lora.target_modules
-    quantized = lora = 0
+    quantized = lora = largest = 0
     linear_names = set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         quantized += module.weight.numel()
+        largest = max(largest, module.weight.numel())
         linear_names.add(name.rsplit(".", 1)[-1])
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             lora += recipe.lora.r * (module.in_features + module.out_features)
     check_module_names(model, recipe, sorted(linear_names))
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return ModelShape(quantized=quantized, other=total - quantized, embeddings=embeddings, lora=lora,
                       hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                      layers=text.num_hidden_layers, vocab=text.vocab_size)
+                      layers=text.num_hidden_layers, vocab=text.vocab_size,
+                      kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, largest=largest)
 
 
 def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
@@ -91,10 +97,14 @@ def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
                             f"its {kind} are {', '.join(valid)}")
 
 
-def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str, Any]:
-    """Peak GPU memory (bytes) by part, for the worst micro-batch: batch_size rows of the longest example.
+def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int | None = None,
+                    processes: int = 1) -> dict[str, Any]:
+    """Peak memory (bytes) of one GPU by part, for a micro-batch of `tokens` tokens of which `trained` (all by
+    default) are scored by the LM head (`qlora check`: batch_size rows of the longest example, each with the most
+    trained tokens of any example: the worst case), with `processes` GPUs training: DDP holds everything on every
+    GPU, FSDP splits the weights and the adapter's state over them.
 
-    The formula is written out in the README ("Memory estimate").
+    The formula is written out in the README ("Memory estimate"); scripts/bench.py measures each part.
     """
     q, t = recipe.quantization, recipe.train
     compute = DTYPE_BYTES[q.compute_dtype]
@@ -105,24 +115,34 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str
         # computes, float32 otherwise
         embedding = compute if q.compute_dtype == "bfloat16" else 4
         other = shape.embeddings * embedding + (shape.other - shape.embeddings) * 4
+        # a float32 norm weight times a compute-dtype activation is float32: so is the residual stream between layers
+        stream = 4
+        dequantized = shape.largest * compute
     else:
         weights, constants, embedding = shape.quantized * compute, 0.0, compute
         other = shape.other * compute
+        stream, dequantized = compute, 0
     adapters = shape.lora * (4 + 4 + OPTIMIZER_BYTES[t.optimizer])  # fp32 weights, fp32 grads, optimizer state
-    tokens = t.batch_size * longest
-    per_layer_full = tokens * (14 * shape.hidden + 5 * shape.intermediate) * compute
-    # the checkpointed layer inputs are the residual stream, which has the embedding's dtype
-    with_ckpt = shape.layers * tokens * shape.hidden * embedding + per_layer_full
-    without_ckpt = shape.layers * per_layer_full
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv
+    # what one layer keeps for backward (counted with saved-tensor hooks on the twins: 4 MLP-wide and 8 hidden-wide
+    # tensors in the stream's dtype, 1 MLP-wide and 6 hidden-wide in the compute dtype, queries, keys, values and
+    # the attention output) and one MLP-wide gradient in flight
+    per_layer_full = tokens * ((5 * stream + compute) * i + 8 * (stream + compute) * h + 2 * compute * kv)
+    # checkpointing keeps each layer's input (the stream, ~5 bytes per element with the checkpoint's own records,
+    # measured) and recomputes one layer at a time in backward
+    with_ckpt = shape.layers * tokens * h * (stream + 1) + per_layer_full + dequantized
+    without_ckpt = shape.layers * per_layer_full + dequantized
     # qlora.loss: one chunk of logits (the matmul's output and its float32 copy, which becomes the gradient in
     # place), plus the gathered hidden states of the trained positions and their gradient; never tokens x vocab
-    chunk = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
-    head = chunk * shape.vocab * (compute + 4) + 2 * tokens * shape.hidden * embedding
+    trained = tokens if trained is None else trained
+    chunk = min(trained, max(1, CHUNK_ELEMENTS // shape.vocab))
+    head = chunk * shape.vocab * (compute + 4) + 2 * trained * h * stream
+    share = processes if t.distributed == "fsdp" else 1
     parts = {
-        "nf4_weights" if q.load_in_4bit else "base_weights": weights,
-        "quantization_constants": constants,
-        "unquantized_weights": other,
-        "lora_weights_grads_optimizer": adapters,
+        "nf4_weights" if q.load_in_4bit else "base_weights": weights / share,
+        "quantization_constants": constants / share,
+        "unquantized_weights": other / share,
+        "lora_weights_grads_optimizer": adapters / share,
         "activations": with_ckpt if t.gradient_checkpointing else without_ckpt,
         "lm_head_chunk": head,
     }
@@ -132,6 +152,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, longest: int) -> dict[str
         "activations_with_checkpointing": with_ckpt,
         "activations_without_checkpointing": without_ckpt,
         "tokens_per_micro_batch": tokens,
+        "processes": processes,
         # an unfused head: the logits, their fp32 upcast for the loss, and its gradient
         "unfused_logits": tokens * shape.vocab * (compute + 4 + 4),
     }
@@ -225,7 +246,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan)
 
 
-def check(recipe: Recipe, overwrite: bool = False) -> CheckReport:
+def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckReport:
     """Everything `qlora check` reports; `errors` lists what would stop `qlora train` (exit 2).
 
     It runs train's own checks (preflight, then tokenizing with data.build_datasets); on a refusal it reports
@@ -261,7 +282,8 @@ def check(recipe: Recipe, overwrite: bool = False) -> CheckReport:
         padding_efficiency=padding_efficiency(lengths, recipe.train.batch_size, recipe.train.seed),
         packing_efficiency=packing_efficiency(lengths, data.max_length),
         trainable_parameters=shape.lora,
-        memory=estimate_memory(recipe, shape, ordered[-1]),
+        memory=estimate_memory(recipe, shape, recipe.train.batch_size * ordered[-1],
+                               recipe.train.batch_size * report.most_trained, processes),
         examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
     )
 
@@ -290,7 +312,8 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     console.print(f"trainable parameters: {report.trainable_parameters:,} (LoRA r={recipe.lora.r} on "
                   f"{recipe.lora.target_modules})")
     m = report.memory
-    console.print(f"[bold]peak GPU memory estimate: {m['total'] / GB:.2f} GiB[/] (micro-batch of "
+    gpus = (f" per GPU, {m['processes']} GPUs with {recipe.train.distributed}" if m["processes"] > 1 else "")
+    console.print(f"[bold]peak GPU memory estimate: {m['total'] / GB:.2f} GiB{gpus}[/] (micro-batch of "
                   f"{m['tokens_per_micro_batch']:,} tokens, longest example x batch_size)")
     for name, value in m["parts"].items():
         console.print(f"  {name:<30} {value / GB:8.3f} GiB")

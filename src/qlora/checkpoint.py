@@ -22,9 +22,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from qlora import distributed
 from qlora.errors import RunFailed
 from qlora.files import publish_dir, tmp_sibling
-from qlora.loss import fusable_head, trained_token_loss
+from qlora.loss import add_trained_token_loss, fusable_head
 from qlora.rundir import (OPTIMIZER_JSON, OPTIMIZER_TENSORS, RNG_JSON, RNG_TENSORS, SCALER_JSON, SCHEDULER_JSON,
                           TRAINER_STATE_JSON, complete_checkpoints)
 
@@ -95,6 +96,12 @@ def load_state(tensors_file: Path, json_file: Path):
     return json.loads(json_file.read_text(encoding="utf-8"), object_hook=decode)
 
 
+def rng_files(checkpoint: Path, rank: int) -> tuple[Path, Path]:
+    """Where a rank's RNG state goes in a checkpoint: rank 0's (and a single process's) under the plain names."""
+    suffix = f"_{rank}" if rank else ""
+    return (checkpoint / RNG_TENSORS.replace(".", f"{suffix}.", 1), checkpoint / RNG_JSON.replace(".", f"{suffix}.", 1))
+
+
 def rng_state() -> dict:
     """Python, numpy, torch CPU (and CUDA) RNG states, for save_state."""
     kind, keys, *numpy_rest = np.random.get_state()
@@ -120,6 +127,8 @@ class QLoRATrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.overflows = 0  # fp16 loss-scale overflows in a row
+        if self.is_fsdp_enabled:  # one dtype per FSDP unit: the adapter stays in the storage dtype
+            return
         # SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as float32, so the two
         # runs would diverge; float32 adapters (bf16 stays for compute) train identically fresh and resumed
         for param in self.model.parameters():
@@ -127,34 +136,52 @@ class QLoRATrainer(SFTTrainer):
                 param.data = param.data.to(torch.float32)
 
     def _save_checkpoint(self, model, trial):
-        """Write checkpoint-N into `.checkpoint-N.tmp`, rename it when complete, then apply save_total_limit."""
+        """Write checkpoint-N into `.checkpoint-N.tmp`, rename it when complete, then apply save_total_limit.
+
+        With several ranks, rank 0 writes the adapter, optimizer, scheduler and trainer state, every rank its own
+        RNG state, and rank 0 publishes the directory once all have written."""
+        if self.is_fsdp_enabled:  # sharded model and optimizer state: the trainer's own FSDP checkpoints
+            return super()._save_checkpoint(model, trial)
         parent = Path(self.args.output_dir)
         final = parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         tmp = tmp_sibling(final)
+        main = self.args.should_save
         non_finite = [n for n, p in self.model.named_parameters() if p.requires_grad and not p.isfinite().all()]
         if non_finite:
             self.stop_non_finite(self.state.global_step, f"weight {non_finite[0]} is not finite, so it was not saved")
         self.store_flos()
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self._save_optimizer_and_scheduler(tmp)
-            self._save_scaler(tmp)
-            self._save_rng_state(tmp)
-            self.state.save_to_json(str(tmp / TRAINER_STATE_JSON))
-            publish_dir(tmp, final)
-        except BaseException:  # a full disk, an error, a second signal: nothing half-written is left behind
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        try:
+            if main:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self._save_optimizer_and_scheduler(tmp)
+                self._save_scaler(tmp)
+                self.state.save_to_json(str(tmp / TRAINER_STATE_JSON))
+            self._save_rng_state(tmp)
+            distributed.barrier()
+            if main:
+                publish_dir(tmp, final)
+        except BaseException:  # a full disk, an error, a second signal: nothing half-written is left behind
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if self.args.save_total_limit:  # the newest (just written) is last, so it is never removed
+        if main and self.args.save_total_limit:  # the newest (just written) is last, so it is never removed
             for old in complete_checkpoints(parent)[: -self.args.save_total_limit]:
                 shutil.rmtree(old)
+        distributed.barrier()  # every rank sees the published checkpoint before training on
 
     def _save_optimizer_and_scheduler(self, output_dir):
+        if self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
         save_state(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_TENSORS, Path(output_dir) / OPTIMIZER_JSON)
         write_json(Path(output_dir) / SCHEDULER_JSON, self.lr_scheduler.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.is_fsdp_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         checkpoint = Path(checkpoint)
@@ -162,33 +189,48 @@ class QLoRATrainer(SFTTrainer):
         self.lr_scheduler.load_state_dict(read_json(checkpoint / SCHEDULER_JSON))
 
     def _save_scaler(self, output_dir):
+        if self.is_fsdp_enabled:
+            return super()._save_scaler(output_dir)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             write_json(Path(output_dir) / SCALER_JSON, scaler.state_dict())
 
     def _load_scaler(self, checkpoint):
+        if self.is_fsdp_enabled:
+            return super()._load_scaler(checkpoint)
         scaler = getattr(self.accelerator, "scaler", None)
         if checkpoint is not None and scaler is not None and (Path(checkpoint) / SCALER_JSON).is_file():
             scaler.load_state_dict(read_json(Path(checkpoint) / SCALER_JSON))
 
     def _save_rng_state(self, output_dir):
-        save_state(rng_state(), Path(output_dir) / RNG_TENSORS, Path(output_dir) / RNG_JSON)
+        if self.is_fsdp_enabled:
+            return super()._save_rng_state(output_dir)
+        save_state(rng_state(), *rng_files(Path(output_dir), self.args.process_index))
 
     def _load_rng_state(self, checkpoint):
-        if checkpoint is not None:
-            set_rng_state(load_state(Path(checkpoint) / RNG_TENSORS, Path(checkpoint) / RNG_JSON))
+        """This rank's RNG state; rank 0's when the checkpoint comes from fewer ranks."""
+        if self.is_fsdp_enabled:
+            return super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        files = rng_files(Path(checkpoint), self.args.process_index)
+        set_rng_state(load_state(*(files if files[0].is_file() else rng_files(Path(checkpoint), 0))))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The loss scored only at trained positions (qlora.loss), for the usual frozen plain LM head; TRL's fused head
         otherwise (a head with LoRA or trained in full), and wherever the caller wants the model's outputs."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = fusable_head(base)
-        if head is None or return_outputs:
+        unwrapped = self.accelerator.unwrap_model(model)  # from under DDP
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        if fusable_head(base) is None or return_outputs or self.is_fsdp_enabled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        total, count = trained_token_loss(base, head, inputs)
+        add_trained_token_loss(base)
+        total, count = model(**inputs, qlora_loss=True)
+        if num_items_in_batch is None:
+            return total / count.clamp(min=1)
         # like the trainer's own loss: summed over the micro-batch, divided by the trained tokens of the whole
-        # accumulated batch when the trainer counted them
-        return total / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        # accumulated batch on every rank, times the ranks (DDP averages the ranks' gradients)
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return total / num_items_in_batch * scale
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -236,7 +278,10 @@ class StopAtSignal(TrainerCallback):
         self.stop.in_loop = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.signum is not None:
+        # every rank stops after the same step, whichever ranks got the signal
+        signum = distributed.largest(self.stop.signum or 0, args.device)
+        if signum:
+            self.stop.signum = signum
             control.should_save = control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):

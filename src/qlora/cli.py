@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from qlora import distributed
 from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
 
 app = typer.Typer(
@@ -27,17 +28,23 @@ SetOption = Annotated[
 
 
 def _run(action):
-    """Run a command body: user errors exit 2, failed runs 1, signalled runs 128 + N; one line, no traceback."""
+    """Run a command body: user errors exit 2, failed runs 1, signalled runs 128 + N; one line, no traceback.
+
+    Under torchrun the ranks agree on user errors and signals, so rank 0 alone prints those; a failed run can be
+    one rank's own (its GPU ran out of memory), so every rank prints that, naming itself."""
+    rank = distributed.rank()
     try:
         return action()
     except UserError as exc:
-        typer.echo(f"error: {one_line(exc)}", err=True)
+        if rank == 0:
+            typer.echo(f"error: {one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     except RunFailed as exc:
-        typer.echo(f"error: {one_line(exc)}", err=True)
+        typer.echo(f"error: {f'rank {rank}: ' if rank else ''}{one_line(exc)}", err=True)
         raise typer.Exit(1) from None
     except RunInterrupted as exc:
-        typer.echo(f"stopped: {exc}", err=True)
+        if rank == 0:
+            typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -47,13 +54,38 @@ def train(
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Start over: delete the run in output_dir (checkpoints "
                                                  "included) instead of resuming it.")] = False,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        help="Train with this many processes on this machine (DDP through torchrun): one per GPU.",
+        rich_help_panel="Several GPUs or machines")] = None,
+    nnodes: Annotated[str, typer.Option(help="Machines taking part (torchrun's --nnodes: N or MIN:MAX).",
+                                        rich_help_panel="Several GPUs or machines")] = "1",
+    node_rank: Annotated[int, typer.Option(help="This machine's number, 0 to nnodes-1 (with --master-addr).",
+                                           rich_help_panel="Several GPUs or machines")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of machine 0, which every machine reaches.",
+                                             rich_help_panel="Several GPUs or machines")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="A free port on machine 0.",
+                                             rich_help_panel="Several GPUs or machines")] = 29500,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="HOST:PORT of a c10d rendezvous instead of --master-addr / --node-rank: machines join in any order.",
+        rich_help_panel="Several GPUs or machines")] = None,
 ) -> None:
     """Train LoRA adapters on a 4-bit base model as the recipe says; writes the run directory.
 
     Run it again on the same output_dir to resume from the latest complete checkpoint.
 
     Ctrl-C or SIGTERM: finish the step, write a checkpoint, exit 130 / 143 (a second signal exits at once).
+    With --nproc-per-node every process stops after the same step.
     """
+    if nproc_per_node is not None:
+        if nproc_per_node < 1:
+            _run(lambda: _refuse(f"--nproc-per-node: {nproc_per_node} is not a number of processes; give 1 or more"))
+        if distributed.world_size() > 1:
+            _run(lambda: _refuse("--nproc-per-node: this command already runs under torchrun or accelerate launch; "
+                                 "leave the flag to the launcher"))
+        worker = ["train", str(recipe), *(f"--set={item}" for item in set_ or []),
+                  *(["--overwrite"] if overwrite else [])]
+        raise typer.Exit(distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr, master_port,
+                                            rdzv_endpoint))
 
     def body():
         from qlora.config import load_recipe
@@ -64,12 +96,19 @@ def train(
     _run(body)
 
 
+def _refuse(message: str):
+    raise UserError(message)
+
+
 @app.command()
 def check(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Check as `qlora train --overwrite` would run.")] = False,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Estimate the memory of each GPU when this many train together (x --nnodes).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines training together.")] = 1,
 ) -> None:
     """Pre-flight report: rows, lengths, masking, EOS, packing, parameters, peak GPU memory estimate.
 
@@ -85,8 +124,10 @@ def check(
         from qlora.check import check as check_recipe, print_report
         from qlora.config import load_recipe
 
+        if nproc_per_node < 1 or nnodes < 1:
+            raise UserError(f"--nproc-per-node {nproc_per_node} --nnodes {nnodes}: give 1 or more of each")
         loaded = load_recipe(recipe, set_ or [])
-        report = check_recipe(loaded, overwrite=overwrite)
+        report = check_recipe(loaded, overwrite=overwrite, processes=nproc_per_node * nnodes)
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=1))
         else:

@@ -203,6 +203,13 @@ class TrainSection(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         [], description="Extra experiment trackers (metrics.jsonl is always written)."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes (`--nproc-per-node`, torchrun, accelerate launch): ddp = every GPU holds "
+        "the 4-bit base and trains on its share of the batches; fsdp = the 4-bit weights are sharded across the GPUs "
+        "(FSDP-QLoRA, for a model that does not fit one GPU; CUDA only; needs quantization.quant_storage = the "
+        "compute dtype).",
+    )
 
 
 class GenerationSection(_Section):
@@ -224,6 +231,15 @@ class Recipe(_Section):
     data: DataSection
     train: TrainSection
     generation: GenerationSection = GenerationSection()
+
+    @model_validator(mode="after")
+    def _fsdp_storage(self) -> Recipe:
+        if self.train.distributed == "fsdp" and self.quantization.load_in_4bit \
+                and self.quantization.quant_storage == "uint8":
+            raise ValueError("train.distributed: fsdp shards the 4-bit weights, which FSDP can only do when they are "
+                             "stored in a float dtype: set quantization.quant_storage to the compute dtype "
+                             "(bfloat16)")
+        return self
 
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
@@ -258,7 +274,8 @@ def _describe(error: dict[str, Any]) -> str:
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     message = error["msg"].removeprefix("Value error, ")
-    return message if message.startswith(key + ".") else f"{key}: {message}{shown}"
+    # a rule across sections (loc is empty) names its keys itself
+    return message if not loc or message.startswith(key + ".") else f"{key}: {message}{shown}"
 
 
 class DuplicateKey(yaml.MarkedYAMLError):

@@ -378,6 +378,7 @@ class DataReport:
     lengths: list[int] = field(default_factory=list)  # tokens per kept example
     tokens: int = 0
     trained_tokens: int = 0
+    most_trained: int = 0  # trained tokens of the example with the most
     eos_trained: int = 0  # kept examples whose last trained token is EOS
 
     @property
@@ -469,7 +470,9 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
         labels.append(lab)
         report.lengths.append(len(ids))
         report.tokens += len(ids)
-        report.trained_tokens += sum(1 for x in lab if x != IGNORE_INDEX)
+        trained = sum(1 for x in lab if x != IGNORE_INDEX)
+        report.trained_tokens += trained
+        report.most_trained = max(report.most_trained, trained)
         report.eos_trained += lab[-1] == tokenizer.eos_token_id
     enforce_invalid_policy(data, report)
     if not input_ids:

@@ -11,10 +11,41 @@ PyTorch, so the CPU and CUDA run the same code.
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # float32 logits per chunk (128 MiB): Gemma's 256k vocabulary -> 131 tokens at a time
+
+
+def chunk_loss(h, weight, bias, labels, softcap, scale, with_grad: bool):
+    """(summed cross-entropy, gradient w.r.t. `h` or None) of one chunk of hidden states, in float32 logits that are
+    freed on return: at most the logits in float32 and one copy in the weight's dtype exist at any time."""
+    logits = (h @ weight.T).float()
+    if bias is not None:
+        logits += bias
+    if scale != 1.0:
+        logits *= scale
+    if softcap:
+        capped = logits.div_(softcap).tanh_()
+        logits = capped * softcap
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    # a log-sum-exp whose exponentials stay in the logits' memory and then become the softmax: torch.logsumexp
+    # would allocate two more float32 chunks
+    top = logits.amax(dim=-1)
+    sums = logits.sub_(top[:, None]).exp_().sum(dim=-1)
+    loss = (top + sums.log() - target).sum()
+    if not with_grad:
+        return loss, None
+    grad = logits.div_(sums[:, None])
+    grad[torch.arange(len(labels), device=labels.device), labels] -= 1
+    if softcap:
+        grad *= capped.square_().neg_().add_(1)
+    if scale != 1.0:
+        grad *= scale
+    return loss, grad.to(weight.dtype) @ weight
 
 
 class TrainedTokenCrossEntropy(torch.autograd.Function):
@@ -29,27 +60,11 @@ class TrainedTokenCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):  # in the head weight's dtype, as autocast runs it
             for start in range(0, n, chunk):
-                h, y = hidden[start:start + chunk].to(weight.dtype), labels[start:start + chunk]
-                logits = (h @ weight.T).float()
-                if bias is not None:
-                    logits += bias
-                if scale != 1.0:
-                    logits *= scale
-                if softcap:
-                    capped = torch.tanh(logits / softcap)
-                    logits = capped * softcap
-                lse = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, y[:, None]).squeeze(1)
-                total += (lse - target).sum()
-                if grad_hidden is None:
-                    continue
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad[torch.arange(len(y), device=y.device), y] -= 1
-                if softcap:
-                    grad *= 1 - capped * capped
-                if scale != 1.0:
-                    grad *= scale
-                grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+                loss, grad = chunk_loss(hidden[start:start + chunk].to(weight.dtype), weight, bias,
+                                        labels[start:start + chunk], softcap, scale, grad_hidden is not None)
+                total += loss
+                if grad is not None:
+                    grad_hidden[start:start + chunk] = grad
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -89,3 +104,24 @@ def trained_token_loss(base_model, head: torch.nn.Linear, inputs: dict):
     softcap, scale = head_scaling(base_model.config)
     total = TrainedTokenCrossEntropy.apply(hidden[mask], head.weight, head.bias, labels[mask], softcap, scale)
     return total, mask.sum()
+
+
+def add_trained_token_loss(model) -> None:
+    """Let `model(**inputs, qlora_loss=True)` return trained_token_loss's (summed loss, trained tokens), so the loss
+    is computed inside the forward of every wrapper around the model (peft, and DDP, which must run the forward to
+    reduce the gradients), the way TRL's add_fused_lm_head patches a model; without the flag the forward is the
+    model's own, so generation is unchanged. `model` is the transformers model (under peft)."""
+    if getattr(model, "qlora_loss_added", False):
+        return
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, qlora_loss=False, **kwargs):
+        if not qlora_loss:
+            return original(*args, **kwargs)
+        inputs = {k: v for k, v in kwargs.items()
+                  if v is not None and k not in ("output_attentions", "output_hidden_states", "return_dict")}
+        return trained_token_loss(self, fusable_head(self), inputs)
+
+    model.forward = types.MethodType(forward, model)
+    model.qlora_loss_added = True

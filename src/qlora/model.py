@@ -116,17 +116,17 @@ def absolute_data_paths(data):
     return data.model_copy(update=update)
 
 
-def check_single_device() -> None:
-    """Refuse set-ups qlora cannot train on correctly yet: several processes or several visible GPUs."""
+def check_devices() -> None:
+    """Several visible GPUs need one process each (the trainer would fall back to DataParallel, which 4-bit
+    models do not support)."""
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        raise UserError(f"WORLD_SIZE={world}: qlora trains in one process for now; run `qlora train` without "
-                        "torchrun or accelerate launch")
-    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        raise UserError(f"{torch.cuda.device_count()} CUDA devices are visible and qlora trains on one for now: "
-                        "choose it with CUDA_VISIBLE_DEVICES=0")
+    from qlora import distributed
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count > 1 and distributed.world_size() == 1:
+        raise UserError(f"{count} CUDA devices are visible: train on all of them with `qlora train RECIPE "
+                        f"--nproc-per-node {count}`, or on one with CUDA_VISIBLE_DEVICES=0")
 
 
 def device_description() -> str:
@@ -147,7 +147,7 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
     differently is refused naming the key, and generate and merge use the dtype the adapter was trained in.
     Raises UserError where the machine cannot run the recipe (shared by `check` and `train`).
     """
-    check_single_device()
+    check_devices()
     check_trackers(recipe.train.report_to)
     model, q, t = recipe.model, recipe.quantization, recipe.train
     model_path = Path(model.name_or_path).expanduser()
@@ -159,10 +159,29 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
         model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
     model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
     quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
-    train = t.model_copy(update={"optimizer": resolve_optimizer(t.optimizer),
+    if t.distributed == "fsdp":
+        check_fsdp(quantization, t.optimizer)
+    optimizer = "adamw_torch" if t.distributed == "fsdp" and t.optimizer == "auto" else resolve_optimizer(t.optimizer)
+    train = t.model_copy(update={"optimizer": optimizer,
                                  "output_dir": str(Path(t.output_dir).expanduser().resolve())})
     return recipe.model_copy(update={"model": model, "quantization": quantization, "train": train,
                                      "data": absolute_data_paths(recipe.data)})
+
+
+def check_fsdp(q: QuantizationSection, optimizer: str) -> None:
+    """FSDP-QLoRA as peft documents it: CUDA GPUs, the 4-bit weights stored in the compute dtype, and not the 8-bit
+    optimizers (their state fails to save under FSDP, peft's caveats say)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("train.distributed: fsdp shards the model across CUDA GPUs and this machine has none; "
+                        "use ddp (the default), which also runs on CPU")
+    if q.load_in_4bit and q.quant_storage != q.compute_dtype:
+        raise UserError(f"quantization.quant_storage: {q.quant_storage} with train.distributed: fsdp must be the "
+                        f"compute dtype, {q.compute_dtype}")
+    if optimizer in ("paged_adamw_8bit", "adamw_8bit"):
+        raise UserError(f"train.optimizer: {optimizer} fails to save its state under FSDP; use adamw_torch or "
+                        "paged_adamw_32bit (auto chooses adamw_torch with fsdp)")
 
 
 def torch_dtype(name: str):
@@ -276,10 +295,20 @@ def save_tokenizer(tokenizer, model: ModelSection, directory: Path) -> None:
 
 
 def device_map():
-    """Where the base goes: the current CUDA device when there is one, else the CPU."""
+    """Where the base goes: this rank's CUDA device (device 0 in a single process) when there is one, else the
+    CPU."""
     import torch
 
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    from qlora import distributed
+
+    return {"": distributed.local_rank()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def sharded(recipe: Recipe) -> bool:
+    """Whether training shards the model with FSDP (train.distributed: fsdp, under several processes)."""
+    from qlora import distributed
+
+    return recipe.train.distributed == "fsdp" and distributed.world_size() > 1
 
 
 def load_quantized_base(recipe: Recipe):
@@ -294,7 +323,8 @@ def load_quantized_base(recipe: Recipe):
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,
             quantization_config=get_quantization_config(q),
-            dtype=compute_torch_dtype(q),
+            # FSDP flattens every weight of a unit into one tensor: all in the storage dtype (peft's FSDP-QLoRA guide)
+            dtype=torch_dtype(q.quant_storage) if sharded(recipe) else compute_torch_dtype(q),
             attn_implementation=recipe.model.attn_implementation,
             device_map=device_map(),
         )
@@ -340,6 +370,11 @@ def add_lora(model, recipe: Recipe):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if sharded(recipe):
+        # FSDP needs one dtype per unit, so no float32 upcast (TRL skips it for sharded QLoRA too); the trainer
+        # turns gradient checkpointing on
+        model.enable_input_require_grads()
+        return get_peft_model(model, get_lora_config(recipe.lora))
     if recipe.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model,

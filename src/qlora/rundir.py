@@ -36,6 +36,8 @@ SCHEDULER_JSON, SCALER_JSON, TRAINER_STATE_JSON = "scheduler.json", "scaler.json
 # present in every complete checkpoint (scaler.json only with fp16)
 CHECKPOINT_FILES = (*ADAPTER_FILES[:2], OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON, RNG_TENSORS, RNG_JSON,
                     TRAINER_STATE_JSON)
+# train.distributed: fsdp checkpoints are the trainer's own, written in place; it writes trainer_state.json last
+FSDP_CHECKPOINT_FILES = (*ADAPTER_FILES[:2], "scheduler.pt", TRAINER_STATE_JSON)
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR and the step
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
@@ -49,8 +51,8 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     """The complete checkpoint-N directories in `directory`, oldest step first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir()
-             if CHECKPOINT_NAME.fullmatch(p.name) and all((p / name).is_file() for name in CHECKPOINT_FILES)]
+    found = [p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and any(
+        all((p / name).is_file() for name in files) for files in (CHECKPOINT_FILES, FSDP_CHECKPOINT_FILES))]
     return sorted(found, key=checkpoint_step)
 
 

@@ -7,23 +7,25 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rich.console import Console
 
+from qlora import distributed
 from qlora.check import Preflight, preflight
 from qlora.collate import PackedCollator
 from qlora.config import Recipe, dump_recipe
 from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError
 from qlora.files import publish_dir, tmp_sibling, write_atomic
-from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer
+from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE, RECIPE_FILE,
-                          apply_plan, checkpoint_step, complete_checkpoints, mark_complete, plan_run, record_environment,
-                          run_lock)
+                          RunPlan, apply_plan, checkpoint_step, complete_checkpoints, mark_complete, plan_run,
+                          record_environment, run_lock)
 
-console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
+# no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
+console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
 
 
 @contextmanager
@@ -106,6 +108,8 @@ def make_metrics_callback(path: Path):
             self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:  # every rank logs the same (reduced) figures
+                return
             if logs and "eval_loss" in logs:
                 with path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
@@ -189,7 +193,19 @@ def sft_config(recipe: Recipe, run: Path):
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_liger_kernel=use_liger(t.liger),
         dataloader_pin_memory=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient at every step
+        **fsdp_arguments(recipe),
     )
+
+
+def fsdp_arguments(recipe: Recipe) -> dict:
+    """train.distributed: fsdp under several processes: the FSDP configuration of peft's FSDP-QLoRA guide (full
+    sharding of each decoder layer, flat parameters, weights loaded once and broadcast from rank 0)."""
+    if not sharded(recipe):
+        return {}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"use_orig_params": False, "cpu_ram_efficient_loading": True, "sync_module_states": True,
+                            "backward_prefetch": "backward_pre", "forward_prefetch": False}}
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = None) -> Path:
@@ -202,7 +218,13 @@ def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = N
     """
     stop = SignalStop()  # before _train's imports, which take seconds in which a signal would be lost
     with stop.installed():
-        return _train(recipe, overwrite, callbacks or [], stop)
+        try:
+            run = _train(recipe, overwrite, callbacks or [], stop)
+        except (UserError, RunInterrupted):  # every rank raised it: they leave together
+            distributed.finish()
+            raise
+        distributed.finish()
+        return run
 
 
 def write_adapter(run: Path, checkpoint: Path, pre: Preflight) -> None:
@@ -219,11 +241,15 @@ def write_adapter(run: Path, checkpoint: Path, pre: Preflight) -> None:
 
 
 def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -> Path:
+    import torch
     from transformers import set_seed
 
     from qlora.checkpoint import QLoRATrainer, StopAtSignal
 
-    pre = preflight(recipe, overwrite)  # every check `qlora check` runs; nothing is written before it passes
+    distributed.start(cpu=not torch.cuda.is_available())
+    # every check `qlora check` runs, on every rank (each must see the model and data); nothing is written before
+    # they all pass
+    pre = distributed.on_every_rank(lambda: preflight(recipe, overwrite))
     recipe, run = pre.recipe, Path(pre.recipe.train.output_dir)
     if pre.plan.action == "complete":
         console.print(f"{run} is complete at step {pre.plan.step}: nothing to do (raise train.max_steps or "
@@ -232,28 +258,23 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.eval_rows, pre.tokenizer, pre.template)
     console.print(f"data: {report.summary()}")
 
-    with write_failures(run), run_lock(run):
-        plan = plan_run(recipe, pre.fingerprint, overwrite, pre.keep)  # again, now that no other train can move it
-        if plan.action != pre.plan.action:
-            raise UserError(f"train.output_dir: {run} changed while this command prepared (another qlora train?); "
-                            "run the command again")
+    with write_failures(run), run_lock(run) if distributed.is_main() else nullcontext():
+        plan = distributed.from_main(lambda: prepare_run(recipe, run, overwrite, pre))
         if plan.action == "finish":
-            console.print(f"{plan.checkpoint} is the end of the run but adapter/ was not written: writing it")
-            write_adapter(run, plan.checkpoint, pre)
-            mark_complete(run, recipe, plan.step)
             console.print(f"[green]done:[/] adapter saved to {run / ADAPTER_DIR}")
             return run
-        apply_plan(run, plan, pre.fingerprint)
-        console.print(f"resuming from {plan.checkpoint} (step {plan.step})" if plan.action == "resume"
-                      else f"starting {run}")
-        write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
-        record_environment(run / ENVIRONMENT_FILE, plan.step, device_description())
-        q = recipe.quantization
-        console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {recipe.train.optimizer}, "
+        if plan.action == "resume":
+            distributed.on_every_rank(lambda: readable_checkpoint(plan.checkpoint))
+        q, t = recipe.quantization, recipe.train
+        console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {t.optimizer}, "
                       f"attention {recipe.model.attn_implementation}")
+        world = distributed.world_size()
+        if world > 1:
+            console.print(f"{world} processes (DDP): effective batch {t.batch_size} x {t.grad_accum} x {world} = "
+                          f"{t.batch_size * t.grad_accum * world} examples per optimizer step")
         console.print(f"loading {recipe.model.name_or_path} "
                       f"({'4-bit ' + q.quant_type if q.load_in_4bit else 'full precision'})")
-        set_seed(recipe.train.seed)  # the adapter's initial weights too, so a run can be repeated exactly
+        set_seed(t.seed)  # the adapter's initial weights too, so a run can be repeated exactly
         model = add_lora(load_quantized_base(recipe), recipe)
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
@@ -267,14 +288,50 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             data_collator=collator(recipe, pre.tokenizer),
             callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
         )
+        if trainer.is_fsdp_enabled:  # the adapter saved whole from the shards, as peft's FSDP guide does
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         with out_of_memory_hint(recipe):
             trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.action == "resume" else None)
-        final = complete_checkpoints(run / CHECKPOINT_DIR)[-1]
         if stop.signum is not None:
-            raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {trainer.state.global_step}: "
-                                 f"{final} is complete; run the same command to resume", stop.signum)
-        # the trainer saves a checkpoint at the last step (save_strategy "steps"): the adapter is that one's
-        write_adapter(run, final, pre)
-        mark_complete(run, recipe, checkpoint_step(final))
+            step = trainer.state.global_step  # StopAtSignal saved a checkpoint at this step
+            raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {step}: "
+                                 f"{run / CHECKPOINT_DIR / f'checkpoint-{step}'} is complete; run the same command "
+                                 "to resume", stop.signum)
+        distributed.from_main(lambda: finish_run(run, pre))
     console.print(f"[green]done:[/] adapter saved to {run / ADAPTER_DIR}")
     return run
+
+
+def prepare_run(recipe: Recipe, run: Path, overwrite: bool, pre: Preflight) -> RunPlan:
+    """Rank 0, holding the run lock: plan again, then write adapter/ of a run that only lacks it, or clear the way
+    and write recipe.yaml and environment.json for a start or a resume."""
+    plan = plan_run(recipe, pre.fingerprint, overwrite, pre.keep)  # again, now that no other train can move it
+    if plan.action != pre.plan.action:
+        raise UserError(f"train.output_dir: {run} changed while this command prepared (another qlora train?); "
+                        "run the command again")
+    if plan.action == "finish":
+        console.print(f"{plan.checkpoint} is the end of the run but adapter/ was not written: writing it")
+        write_adapter(run, plan.checkpoint, pre)
+        mark_complete(run, recipe, plan.step)
+        return plan
+    apply_plan(run, plan, pre.fingerprint)
+    console.print(f"resuming from {plan.checkpoint} (step {plan.step})" if plan.action == "resume"
+                  else f"starting {run}")
+    write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
+    record_environment(run / ENVIRONMENT_FILE, plan.step, device_description())
+    return plan
+
+
+def readable_checkpoint(checkpoint: Path) -> None:
+    """A rank that resumes must read the checkpoint rank 0 chose."""
+    if not complete_checkpoints(checkpoint.parent) or not checkpoint.is_dir():
+        raise UserError(f"train.output_dir: {checkpoint} is not readable on this machine; a run on several "
+                        "machines needs its output_dir on a filesystem every machine sees")
+
+
+def finish_run(run: Path, pre: Preflight) -> None:
+    """Rank 0: publish adapter/ from the last checkpoint (the trainer saves one at the last step) and mark the run
+    complete."""
+    final = complete_checkpoints(run / CHECKPOINT_DIR)[-1]
+    write_adapter(run, final, pre)
+    mark_complete(run, pre.recipe, checkpoint_step(final))

@@ -1,0 +1,151 @@
+"""Several processes training one run (DDP through torchrun): who writes, how ranks agree, and the launcher.
+
+torchrun (or `accelerate launch`) starts one process per device with RANK / LOCAL_RANK / WORLD_SIZE set. Every rank
+validates the recipe and trains; rank 0 alone writes the run directory and the console, and what rank 0 decides
+(start, resume from which checkpoint) is what every rank does. Outside torchrun every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+SHUTDOWN_SECONDS = 900  # what the launcher gives the ranks to finish their step and checkpoint after a signal
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def start(cpu: bool) -> None:
+    """Join the process group (gloo on CPU, the trainer's CPU mode; NCCL on CUDA) and pick this rank's GPU, before
+    anything needs the ranks to agree; the trainer's accelerate state then uses this group."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or dist.is_initialized():
+        return
+    if not is_main():  # rank 0's progress bars speak for all
+        from datasets.utils.logging import disable_progress_bar
+        from transformers.utils.logging import disable_progress_bar as disable_transformers_bars
+
+        disable_progress_bar()
+        disable_transformers_bars()
+    if not cpu:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30))
+
+
+def finish() -> None:
+    """Leave the process group together (a rank exiting with it alive can abort in gloo's teardown)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def from_main(action):
+    """Run `action` on rank 0 and return its result on every rank; an exception it raises is raised on every rank,
+    so no rank waits for one that failed."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return action()
+    box = [None, None]
+    if is_main():
+        try:
+            box[0] = action()
+        except Exception as exc:  # handed to every rank, raised below
+            box[1] = exc
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def on_every_rank(action):
+    """Run `action` on every rank; if it raised UserError on any, raise the lowest such rank's on every rank (named
+    after its rank when that is not 0), so all stop at once with one message."""
+    import torch.distributed as dist
+
+    from qlora.errors import UserError
+
+    if not dist.is_initialized():
+        return action()
+    result, error = None, None
+    try:
+        result = action()
+    except UserError as exc:  # gathered, raised below
+        error = str(exc)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    for number, message in enumerate(errors):
+        if message is not None:
+            raise UserError(f"rank {number}: {message}" if number else message)
+    return result
+
+
+def largest(value: int, device) -> int:
+    """The largest of every rank's `value` (a collective: every rank calls it at the same point)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def launch(worker_args: list[str], nproc_per_node: int, nnodes: str, node_rank: int, master_addr: str,
+           master_port: int, rdzv_endpoint: str | None) -> int:
+    """Run `python -m qlora <worker_args>` as a torchrun job from this process; return the exit code: the first
+    failed rank's, or 128 + N when this launcher got signal N (the ranks got it too and stopped after the same step
+    with a checkpoint)."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint] if rdzv_endpoint else
+                  ["--master-addr", master_addr, "--master-port", str(master_port), "--node-rank", str(node_rank)])
+    args = get_args_parser().parse_args([
+        "--nproc-per-node", str(nproc_per_node), "--nnodes", nnodes, *rendezvous,
+        "--shutdown-timeout", os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_SECONDS)),
+        "-m", "qlora", *worker_args,
+    ])
+    config, entrypoint, cmd_args = config_from_args(args)
+    try:
+        elastic_launch(config, entrypoint)(*cmd_args)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        code = failure.exitcode
+        # a rank killed by a signal reports -N
+        return 128 - code if code < 0 else code
+    finally:
+        sys.stdout.flush()
+    return 0
