@@ -178,6 +178,11 @@ def prompts_file(content, *flags):
 
 
 PROMPT = (json.dumps({"instruction": "Write a function."}) + "\n").encode()
+PROBLEMS = Path(__file__).resolve().parents[1] / "src" / "qlora" / "sample_data" / "eval_problems.jsonl"
+
+
+def eval_args(*flags):
+    return lambda w: [str(w.run), "--problems", str(PROBLEMS), "--out", "o", "--allow-code-execution", *flags]
 
 OTHER_CASES = [
     ("generate-missing-run", "generate", lambda w: ["nope", "--prompt", "x"], "nope"),
@@ -244,6 +249,35 @@ OTHER_CASES = [
      "--min-agreement"),
     ("merge-negative-agreement", "merge", lambda w: [str(w.run), "--output", "m", "--min-agreement", "-0.1"],
      "--min-agreement"),
+    ("eval-nothing-asked", "eval", lambda w: [str(w.run)], "--problems"),
+    ("eval-run-and-samples", "eval", eval_args("--samples", "s.jsonl"), "--samples"),
+    ("eval-no-run", "eval", lambda w: ["--problems", str(PROBLEMS), "--out", "o", "--allow-code-execution"], "RUN"),
+    ("eval-loss-without-run", "eval", lambda w: ["--loss", "d.json"], "--loss"),
+    ("eval-no-opt-in", "eval", lambda w: [str(w.run), "--problems", str(PROBLEMS), "--out", "o"],
+     "--allow-code-execution"),
+    ("eval-no-out", "eval", lambda w: [str(w.run), "--problems", str(PROBLEMS), "--allow-code-execution"], "--out"),
+    ("eval-k-above-n", "eval", eval_args("--n", "2", "--k", "1,10"), "--k"),
+    ("eval-k-not-numbers", "eval", eval_args("--k", "one"), "--k"),
+    ("eval-zero-n", "eval", eval_args("--n", "0"), "--n"),
+    ("eval-zero-timeout", "eval", eval_args("--timeout", "0"), "--timeout"),
+    ("eval-unknown-style", "eval", eval_args("--style", "chat"), "--style"),
+    ("eval-problems-missing", "eval",
+     lambda w: [str(w.run), "--problems", "nope.jsonl", "--out", "o", "--allow-code-execution"], "nope.jsonl"),
+    ("eval-problems-bad-json", "eval",
+     lambda w: [str(w.run), "--problems", data_file("p.jsonl", b"{oops\n"), "--out", "o", "--allow-code-execution"],
+     "line 1"),
+    ("eval-problems-unknown-format", "eval",
+     lambda w: [str(w.run), "--problems", data_file("p.jsonl", b'{"question": "x"}\n'), "--out", "o",
+                "--allow-code-execution"], "row 0"),
+    ("eval-samples-unknown-task", "eval",
+     lambda w: ["--problems", str(PROBLEMS), "--samples",
+                data_file("s.jsonl", b'{"task_id": "nope", "completion": ""}\n'), "--out", "o",
+                "--allow-code-execution"], "nope"),
+    ("eval-out-is-a-file", "eval", lambda w: [str(w.run), "--problems", str(PROBLEMS), "--out",
+                                             Path("f").write_text("x") and "f", "--allow-code-execution"], "--out"),
+    ("eval-out-not-an-eval", "eval",
+     lambda w: [str(w.run), "--problems", str(PROBLEMS), "--out", (Path("o").mkdir(), Path("o/x").write_text("x"))
+                and "o", "--allow-code-execution"], "--out"),
     ("tiny-unknown-arch", "tiny", lambda w: ["gpt5", "t"], "gpt5"),
     ("tiny-onto-a-file", "tiny", lambda w: ["gemma", Path("f").write_text("x") and "f"], "f"),
     ("tiny-onto-cwd", "tiny", lambda w: [Path("x").write_text("x") and "gemma", "."], "."),

@@ -5,6 +5,8 @@ Nothing heavy is imported at module level so `qlora --help` answers at once.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -258,6 +260,121 @@ def merge(
                 raise typer.Exit(1)
 
     _run(body)
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Optional[Path], typer.Argument(help="The run directory (or merged model) to evaluate.")] = None,
+    problems: Annotated[Optional[Path], typer.Option(help="HumanEval- or MBPP-style problems, one JSON object per "
+                                                          "line.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Directory for samples.jsonl and summary.json (resumed when "
+                                                     "it holds an earlier eval).")] = None,
+    samples: Annotated[Optional[Path], typer.Option(help="Score these completions (task_id, completion per line) "
+                                                         "instead of generating: no RUN.")] = None,
+    n: Annotated[int, typer.Option(help="Completions generated per problem.")] = 1,
+    k: Annotated[str, typer.Option(help="pass@k to report, comma-separated.")] = "1",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 decodes greedily.")] = 0.2,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per completion.")] = 512,
+    seed: Annotated[int, typer.Option(help="Sampling seed (problem i uses seed + i, for the run and the base).")] = 0,
+    style: Annotated[Optional[str], typer.Option(
+        help="instruct: the run's template with the problem as the instruction, the answer a whole program (fenced "
+             "or not); completion: the raw prompt continued (base models, --samples). Default: instruct for a "
+             "run, completion for --samples.")] = None,
+    compare_base: Annotated[bool, typer.Option(help="Also evaluate the base (adapter disabled), same problems and "
+                                                    "seeds, side by side.")] = False,
+    allow_code_execution: Annotated[bool, typer.Option(help="Run the generated code (in the sandbox): required.")]
+    = False,
+    timeout: Annotated[float, typer.Option(help="Seconds each sample may run.")] = 10.0,
+    batch_size: Annotated[int, typer.Option(help="Completions generated per batch.")] = 8,
+    workers: Annotated[int, typer.Option(help="Samples executed at once.")] = max(1, (os.cpu_count() or 1)),
+    loss: Annotated[Optional[Path], typer.Option(help="Held-out loss and perplexity of this data file (the run's "
+                                                      "format and masking), the run against its base.")] = None,
+) -> None:
+    """Did it help? pass@k of the run's code, executed in a sandbox, and held-out loss, against the base model."""
+
+    def body():
+        from rich.console import Console
+
+        from qlora import evaluate as ev
+        from qlora.config import GenerationSection
+        from qlora.sandbox import Limits
+
+        if problems is None and loss is None:
+            raise UserError("give --problems FILE (pass@k) or --loss FILE (held-out loss), or both")
+        if samples is not None and run is not None:
+            raise UserError("give RUN to generate completions or --samples FILE to score given ones, not both")
+        if loss is not None and run is None:
+            raise UserError("--loss needs RUN, whose base it compares with")
+        if samples is None and run is None:
+            raise UserError("give RUN (a run directory) or --samples FILE")
+        chosen = style or ("completion" if samples is not None else "instruct")
+        if chosen not in ev.STYLES:
+            raise UserError(f"--style {chosen!r}: choose instruct or completion")
+        for flag, value in (("--n", n), ("--batch-size", batch_size), ("--workers", workers)):
+            if value < 1:
+                raise UserError(f"{flag} {value}: give 1 or more")
+        if not timeout > 0 or math.isinf(timeout):
+            raise UserError(f"--timeout {timeout}: give a number of seconds above 0")
+        try:
+            ks = sorted({int(x) for x in k.split(",")})
+        except ValueError:
+            raise UserError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,10") from None
+        if ks[0] < 1 or (samples is None and ks[-1] > n):
+            raise UserError(f"--k {k}: each k must be from 1 to --n ({n}): pass@k needs k samples per problem")
+        sampling = GenerationSection(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        console = Console(stderr=True, soft_wrap=True)
+        if problems is not None:
+            ev.check_execution_allowed(allow_code_execution)
+            if out is None:
+                raise UserError("--out DIR is needed with --problems: samples.jsonl and summary.json go there")
+            problem_list = ev.read_problems(problems)
+            given = ev.read_completions(samples, problem_list) if samples is not None else None
+        if out is not None:
+            ev.prepare_out_dir(out)
+        limits = Limits(seconds=timeout)
+        loaded = None
+        if run is not None:
+            from qlora.generate import load_run
+
+            loaded = load_run(run)
+            if compare_base and loaded.recipe is None:
+                raise UserError("--compare-base needs a run directory (4-bit base + adapter), not a merged model")
+        if problems is not None:
+            if given is not None:
+                summary = ev.score_samples(given, problem_list, out, ks, chosen, limits, workers)
+            else:
+                summary = ev.evaluate_run(loaded, problem_list, out, n, ks, sampling, chosen, compare_base, limits,
+                                          workers, batch_size, console)
+            print_eval_table(summary, ks)
+        if loss is not None:
+            result = ev.heldout_loss(loaded, loss)
+            if out is not None:
+                ev.write_loss(out, result)
+            typer.echo(f"held-out loss on {result['examples']} examples ({result['trained_tokens']} trained tokens): "
+                       f"run {result['run']['loss']:.4f} (perplexity {result['run']['perplexity']:.2f}), base "
+                       f"{result['base']['loss']:.4f} (perplexity {result['base']['perplexity']:.2f})")
+
+    _run(body)
+
+
+def print_eval_table(summary: dict, ks: list[int]) -> None:
+    """pass@k and outcomes, the run (or the scored samples) and, with --compare-base, its base side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [("run" if "base" in summary else "samples", summary)] + (
+        [("base", summary["base"])] if "base" in summary else [])
+    table = Table()
+    table.add_column("")
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    for key in [f"pass@{k}" for k in ks]:
+        table.add_row(key, *(f"{s[key]:.3f}" if key in s else "n/a" for _, s in columns))
+    for outcome in ("passed", "failed", "timed out"):
+        table.add_row(outcome, *(str(s["outcomes"][outcome]) for _, s in columns))
+    table.add_row("problems", *(str(s["problems"]) for _, s in columns))
+    Console(soft_wrap=True).print(table)
 
 
 @app.command()

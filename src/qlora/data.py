@@ -19,7 +19,7 @@ from typing import Any
 
 from qlora.config import DataSection
 from qlora.errors import UserError, one_line
-from qlora.files import jsonl_lines, read_text
+from qlora.files import read_jsonl, read_text
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross-entropy's ignore_index)
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -237,15 +237,9 @@ def is_local_path(path: str) -> bool:
 
 
 def _read_json(path: Path, what: str) -> list[Any]:
-    text = read_text(path, what)
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in jsonl_lines(text):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{what}: {path} line {number} is not valid JSON ({exc.msg})") from None
-        return rows
+        return [row for _, row in read_jsonl(path, what)]
+    text = read_text(path, what)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:

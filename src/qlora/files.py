@@ -48,6 +48,18 @@ def jsonl_lines(text: str) -> list[tuple[int, str]]:
     return [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
+def read_jsonl(path: Path, what: str) -> list[tuple[int, object]]:
+    """(1-based line number, parsed value) of every non-blank line of a .jsonl file; one line naming the file and
+    line for text that is not JSON."""
+    values = []
+    for number, line in jsonl_lines(read_text(path, what)):
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{what}: {path} line {number} is not valid JSON ({exc.msg})") from None
+    return values
+
+
 def fsync(path: Path) -> None:
     """Flush a file or directory to disk, so a rename never publishes data still in the page cache."""
     fd = os.open(path, os.O_RDONLY)

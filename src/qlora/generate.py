@@ -17,7 +17,7 @@ from typing import Any, Callable, TextIO
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt
 from qlora.errors import RunInterrupted, UserError
-from qlora.files import jsonl_lines, read_text
+from qlora.files import jsonl_lines, read_jsonl, read_text
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
@@ -115,6 +115,13 @@ def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: Gene
 
     A `streamer` (one prompt at a time) receives tokens as they are generated.
     """
+    encoded = [encode_prompt(loaded.tokenizer, loaded.template, ins, inp) for ins, inp in prompts]
+    return generate_from_ids(loaded, encoded, sampling, batch_size, streamer)
+
+
+def generate_from_ids(loaded: LoadedModel, prompts: list[list[int]], sampling: GenerationSection,
+                      batch_size: int = 8, streamer=None) -> list[str]:
+    """Generated texts continuing prompts given as token ids (generate's engine; eval's raw completion prompts)."""
     import torch
 
     if streamer is not None:
@@ -127,7 +134,7 @@ def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: Gene
         batch_size = 1
     texts = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tok, loaded.template, ins, inp) for ins, inp in prompts[start:start + batch_size]]
+        encoded = prompts[start:start + batch_size]
         width = max(map(len, encoded))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
@@ -157,11 +164,7 @@ def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: Gene
 def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl file in the training format; each needs a non-empty string instruction."""
     rows = []
-    for number, line in jsonl_lines(read_text(path, "--input-file")):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--input-file: {path} line {number} is not valid JSON ({exc.msg})") from None
+    for number, row in read_jsonl(path, "--input-file"):
         index = len(rows)
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             raise UserError(f"--input-file: {path} row {index} (line {number}) has no instruction string")

