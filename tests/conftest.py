@@ -79,3 +79,17 @@ def memorised_run(tmp_path_factory, tiny_model):
                         train={"max_steps": 100, "batch_size": 1, "lr_scheduler": "constant",
                                "logging_steps": 25, "save_steps": 1000})
     return train(recipe)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp's stock converter; a test using it skips only when no package registry answered pip."""
+    from qlora.errors import RunFailed
+    from qlora.llamacpp import llama_cpp_dir
+
+    try:
+        return llama_cpp_dir()
+    except RunFailed as exc:
+        if "(from versions: none)" in str(exc):
+            pytest.skip(f"no package registry reachable for llama.cpp's converter: {exc}")
+        raise

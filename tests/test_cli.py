@@ -63,3 +63,18 @@ def test_missing_data_file_exits_2_naming_it(tmp_path):
 
 def test_tiny_refuses_unknown_architecture(tmp_path):
     assert_user_error(run("tiny", "gpt5", str(tmp_path / "m")), "gemma, llama, mistral, phi")
+
+
+def test_env_lists_every_package_and_the_device_and_version_prints_it():
+    from importlib.metadata import version
+
+    from qlora.environment import PACKAGES
+
+    result = run("env")
+    assert result.returncode == 0, result.stderr
+    names = [line.split(":")[0] for line in result.stdout.splitlines()]
+    assert set(PACKAGES) <= set(names) and "python" in names and "bitsandbytes backend" in names
+    assert any(line.startswith("device ") for line in result.stdout.splitlines())
+    assert f"torch: {version('torch')}" in result.stdout
+    assert "Failed to load" not in result.stderr  # bitsandbytes' harmless CPU-kernel warning is silenced
+    assert run("--version").stdout == f"qlora {version('qlora')}\n"

@@ -35,17 +35,6 @@ BYTE_LEVEL = [a for a in ARCHITECTURES if LLAMA_CPP[a][1] == "gpt2"]
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    """The stock converter; the module skips only when no package registry answered pip."""
-    try:
-        return llama_cpp_dir()
-    except RunFailed as exc:
-        if "(from versions: none)" in str(exc):
-            pytest.skip(f"no package registry reachable for llama.cpp's converter: {exc}")
-        raise
-
-
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def converted(request, tmp_path_factory, tiny_model, llama_cpp):
     """(arch, merged dir, GGUFReader of its f16 conversion) for a twin trained a few steps and merged."""

@@ -104,3 +104,13 @@ def test_a_non_empty_directory_that_is_not_a_run_is_never_touched(make_recipe, t
     with pytest.raises(UserError, match="not a qlora run"):
         train(recipe)
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_the_console_shows_one_line_per_logging_step_and_no_raw_dicts(make_recipe, capsys):
+    train(make_recipe(train={"max_steps": 4, "logging_steps": 2}))
+    out, err = capsys.readouterr()
+    assert "{'" not in out + err and "/4 [" not in err  # no printed log dicts, no tqdm bar over the 4 steps
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(" · ")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all(" · loss " in line and " · lr " in line and " tok/s" in line and "GiB RSS" in line for line in lines)
+    assert "trained to step 4 in " in err

@@ -262,6 +262,31 @@ def merge(
     _run(body)
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="The run directory to ship.")],
+    output: Annotated[Path, typer.Option(help="Directory for the .gguf and the Ollama Modelfile.")],
+    outtype: Annotated[str, typer.Option(help="GGUF weight type: f16, bf16, q8_0 or f32.")] = "f16",
+    llama_cpp: Annotated[Optional[Path], typer.Option(
+        help="Your llama.cpp checkout, whose convert_hf_to_gguf.py is used (default: LLAMA_CPP_DIR, else the one "
+             "vendored in the llama-cpp-python source distribution, fetched with pip into ~/.cache/qlora).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace what an earlier export wrote there.")] = False,
+) -> None:
+    """Merge the adapter into the dequantized base, convert it to GGUF with llama.cpp's converter, check the file,
+    and write an Ollama Modelfile with the training prompt as its template: `ollama create NAME -f DIR/Modelfile`."""
+
+    def body():
+        from qlora.export import export as export_run
+
+        if llama_cpp is not None and not (llama_cpp / "convert_hf_to_gguf.py").is_file():
+            raise UserError(f"--llama-cpp {llama_cpp}: no convert_hf_to_gguf.py there; give a llama.cpp checkout")
+        gguf, modelfile = export_run(run, output, outtype, llama_cpp, overwrite)
+        typer.echo(f"wrote {gguf} and {modelfile}; for Ollama: ollama create {run.resolve().name} -f {modelfile}",
+                   err=True)
+
+    _run(body)
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Optional[Path], typer.Argument(help="The run directory (or merged model) to evaluate.")] = None,
@@ -375,6 +400,33 @@ def print_eval_table(summary: dict, ks: list[int]) -> None:
         table.add_row(outcome, *(str(s["outcomes"][outcome]) for _, s in columns))
     table.add_row("problems", *(str(s["problems"]) for _, s in columns))
     Console(soft_wrap=True).print(table)
+
+
+@app.command()
+def env() -> None:
+    """Versions of Python and every library qlora uses, the devices and their bf16 support: paste it into a bug
+    report."""
+
+    def body():
+        from qlora.environment import report
+
+        typer.echo(report())
+
+    _run(body)
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"qlora {version('qlora')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True,
+                                                  help="Print qlora's version and exit.")] = False) -> None:
+    """QLoRA fine-tuning from one YAML recipe: 4-bit NF4 base + LoRA adapters + TRL SFTTrainer."""
 
 
 @app.command()

@@ -72,21 +72,21 @@ def chat_template(template: Template, add_bos: bool) -> str:
     )
 
 
-def check_output(run: Path, output: Path, overwrite: bool, keep: list[Path]) -> None:
-    """--output must be new, an empty directory, or (with --overwrite) a merged model an earlier merge wrote;
-    never the run, a directory holding it, or anything else."""
+def check_output(run: Path, output: Path, overwrite: bool, keep: list[Path], command: str = "merge") -> None:
+    """--output must be new, an empty directory, or (with --overwrite) what an earlier `command` (merge, export)
+    wrote; never the run, a directory holding it, or anything else."""
     if run.resolve().is_relative_to(output.resolve()):
         relation = "is" if run.resolve() == output.resolve() else "holds"
         raise UserError(f"--output {output} {relation} the run {run}; choose another directory, e.g. {run / 'merged'}")
     refuse_working_directory(output, "--output")
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; name a directory for the merged model")
+        raise UserError(f"--output {output} is a file; name a directory for the {command}d model")
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
     if not overwrite:
         raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace a model an earlier "
-                        "merge wrote, or choose another directory")
-    check_replaceable(output, "merge", "--output", keep)
+                        f"{command} wrote, or choose another directory")
+    check_replaceable(output, command, "--output", keep)
 
 
 def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):

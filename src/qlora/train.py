@@ -132,6 +132,75 @@ def make_metrics_callback(path: Path):
     return MetricsCallback()
 
 
+def peak_memory() -> str:
+    """The process's peak memory so far: allocated CUDA memory on a GPU, resident memory on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"peak {torch.cuda.max_memory_allocated() / 1024**3:.1f} GiB"
+    return f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.1f} GiB RSS"
+
+
+def make_console_callback():
+    """A TrainerCallback that shows training as one live line in a terminal (step/total, epoch, loss, learning
+    rate, gradient norm, tokens/s, ETA, peak memory) and as one line per logging step elsewhere, in place of the
+    trainer's tqdm bars and printed dicts."""
+    from rich.progress import Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class ConsoleCallback(TrainerCallback):
+        def __init__(self):
+            self.progress, self.task, self.last = None, None, {}
+            self.started = self.tokens = 0
+
+        def figures(self, state) -> str:
+            log = self.last
+            parts = [f"step {state.global_step}/{state.max_steps}", f"ep {state.epoch or 0:.2f}"]
+            if "loss" in log:
+                parts += [f"loss {log['loss']:.4f}", f"lr {log.get('learning_rate') or 0:.2e}"]
+                if log.get("grad_norm") is not None:
+                    parts.append(f"gnorm {log['grad_norm']:.3f}")
+            seconds = time.perf_counter() - self.started
+            if seconds > 0 and state.num_input_tokens_seen > self.tokens:
+                parts.append(f"{(state.num_input_tokens_seen - self.tokens) / seconds:,.0f} tok/s")
+            parts.append(peak_memory())
+            return " · ".join(parts)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+            if console.is_terminal and state.is_world_process_zero:
+                self.progress = Progress(TextColumn("{task.description} · ETA"), TimeRemainingColumn(),
+                                         console=console)
+                self.task = self.progress.add_task(self.figures(state), total=state.max_steps,
+                                                   completed=state.global_step)
+                self.progress.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step, description=self.figures(state))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "eval_loss" in logs:
+                console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            if "loss" in logs:
+                self.last = logs
+                if self.progress is None:
+                    console.print(self.figures(state), highlight=False)
+            if "train_loss" in logs:  # the trainer's closing summary
+                console.print(f"trained to step {state.global_step} in {logs['train_runtime']:.0f} s", highlight=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step, description=self.figures(state))
+                self.progress.stop()
+                self.progress = None
+
+    return ConsoleCallback()
+
+
 def use_liger(setting: str) -> bool:
     """Whether to patch the model with Liger kernels (train.liger)."""
     import importlib.util
@@ -193,6 +262,7 @@ def sft_config(recipe: Recipe, run: Path):
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_liger_kernel=use_liger(t.liger),
         dataloader_pin_memory=False,
+        disable_tqdm=True,  # make_console_callback draws the progress
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient at every step
         **fsdp_arguments(recipe),
     )
@@ -242,7 +312,7 @@ def write_adapter(run: Path, checkpoint: Path, pre: Preflight) -> None:
 
 def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -> Path:
     import torch
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
 
     from qlora.checkpoint import QLoRATrainer, StopAtSignal
 
@@ -286,8 +356,10 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             eval_dataset=eval_dataset,
             processing_class=pre.tokenizer,
             data_collator=collator(recipe, pre.tokenizer),
-            callbacks=[make_metrics_callback(run / METRICS_FILE), StopAtSignal(stop), *callbacks],
+            callbacks=[make_metrics_callback(run / METRICS_FILE), make_console_callback(), StopAtSignal(stop),
+                       *callbacks],
         )
+        trainer.remove_callback(PrinterCallback)  # it prints the raw log dicts
         if trainer.is_fsdp_enabled:  # the adapter saved whole from the shards, as peft's FSDP guide does
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         with out_of_memory_hint(recipe):
