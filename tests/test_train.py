@@ -114,3 +114,10 @@ def test_the_console_shows_one_line_per_logging_step_and_no_raw_dicts(make_recip
     assert [line.split(" · ")[0] for line in lines] == ["step 2/4", "step 4/4"]
     assert all(" · loss " in line and " · lr " in line and " tok/s" in line and "GiB RSS" in line for line in lines)
     assert "trained to step 4 in " in err
+
+
+def test_tensorboard_event_files_are_written_beside_the_metrics(make_recipe):
+    run = train(make_recipe(train={"max_steps": 2, "logging_steps": 1, "report_to": ["tensorboard"]}))
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert not list((run / "checkpoints").glob("runs"))

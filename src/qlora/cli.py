@@ -403,6 +403,26 @@ def print_eval_table(summary: dict, ks: list[int]) -> None:
 
 
 @app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="One run directory, or several to overlay.")],
+    output: Annotated[Optional[Path], typer.Option(help="A .png (a quick look) or .html (self-contained, to share); "
+                                                       "default RUN/report.png for one run.")] = None,
+) -> None:
+    """Draw a run's curves (train and eval loss, learning rate, gradient norm, tokens/s; pass@k when RUN/eval holds
+    a `qlora eval`) and print its summary; several runs are overlaid."""
+
+    def body():
+        from qlora.report import report as write_report
+
+        path, summaries = write_report(runs, output)
+        for facts in summaries:
+            typer.echo(f"{facts.pop('run')}: " + "; ".join(f"{k} {v}" for k, v in facts.items()))
+        typer.echo(f"wrote {path}", err=True)
+
+    _run(body)
+
+
+@app.command()
 def env() -> None:
     """Versions of Python and every library qlora uses, the devices and their bf16 support: paste it into a bug
     report."""

@@ -24,6 +24,7 @@ RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # event files with train.report_to: [tensorboard]
 ENVIRONMENT_FILE = "environment.json"
 LOCK_FILE = ".lock"  # flock()ed by the `train` using the run; holds its PID
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft saves

@@ -21,8 +21,8 @@ from qlora.errors import RunFailed, RunInterrupted, UserError
 from qlora.files import publish_dir, tmp_sibling, write_atomic
 from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE, RECIPE_FILE,
-                          RunPlan, apply_plan, checkpoint_step, complete_checkpoints, mark_complete, plan_run,
-                          record_environment, run_lock)
+                          TENSORBOARD_DIR, RunPlan, apply_plan, checkpoint_step, complete_checkpoints, mark_complete,
+                          plan_run, record_environment, run_lock)
 
 # no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
 console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
@@ -124,6 +124,7 @@ def make_metrics_callback(path: Path):
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_seen": tokens,
                 "tokens_per_second": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
+                "time": round(time.time(), 3),  # wall clock, for the report's elapsed time
             }
             self.last_time, self.last_tokens = now, tokens
             with path.open("a", encoding="utf-8") as f:
@@ -313,6 +314,7 @@ def write_adapter(run: Path, checkpoint: Path, pre: Preflight) -> None:
 def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -> Path:
     import torch
     from transformers import PrinterCallback, set_seed
+    from transformers.integrations import TensorBoardCallback
 
     from qlora.checkpoint import QLoRATrainer, StopAtSignal
 
@@ -360,6 +362,10 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
                        *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # it prints the raw log dicts
+        for callback in trainer.callback_handler.callbacks:
+            # beside metrics.jsonl rather than among the checkpoints; TENSORBOARD_LOGGING_DIR still wins
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = str(run / TENSORBOARD_DIR)
         if trainer.is_fsdp_enabled:  # the adapter saved whole from the shards, as peft's FSDP guide does
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         with out_of_memory_hint(recipe):

@@ -1,0 +1,158 @@
+"""`qlora report RUN... [--output FILE.png|FILE.html]`: a run's curves and summary, several runs overlaid."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from qlora.config import load_recipe
+from qlora.errors import UserError
+from qlora.files import read_jsonl, write_atomic
+from qlora.rundir import METRICS_FILE, RECIPE_FILE
+
+# (metrics.jsonl key, plot title), in the order drawn
+SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("learning_rate", "learning rate"),
+          ("grad_norm", "gradient norm"), ("tokens_per_second", "tokens/s"))
+EVAL_SUMMARY = Path("eval") / "summary.json"  # where `qlora eval RUN --out RUN/eval` puts pass@k
+
+
+def read_run(run: Path) -> dict[str, Any]:
+    """The run's recipe, metrics.jsonl records and, when present, its eval summary."""
+    if not (run / RECIPE_FILE).is_file() or not (run / METRICS_FILE).is_file():
+        raise UserError(f"{run}: not a qlora run with metrics (needs {RECIPE_FILE} and {METRICS_FILE})")
+    records = [r for _, r in read_jsonl(run / METRICS_FILE, METRICS_FILE)]
+    evaluation = json.loads((run / EVAL_SUMMARY).read_text(encoding="utf-8")) if (run / EVAL_SUMMARY).is_file() else None
+    return {"name": run.resolve().name, "recipe": load_recipe(run / RECIPE_FILE), "records": records,
+            "eval": evaluation}
+
+
+def series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Each metric present in the records: (steps, values), non-null values only."""
+    found = {}
+    for key, _ in SERIES:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            found[key] = ([s for s, _ in points], [v for _, v in points])
+    return found
+
+
+def summary(run: dict[str, Any]) -> dict[str, Any]:
+    """Recipe highlights and what the run did."""
+    recipe, records = run["recipe"], run["records"]
+    train = [r for r in records if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
+    times = [r["time"] for r in train if "time" in r]
+    facts = {
+        "model": recipe.model.name_or_path,
+        "lora": f"r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, {recipe.lora.target_modules}",
+        "learning rate": f"{recipe.train.learning_rate:g} ({recipe.train.lr_scheduler})",
+        "batch": f"{recipe.train.batch_size} x {recipe.train.grad_accum}",
+        "steps": train[-1]["step"] if train else 0,
+        "tokens": f"{train[-1]['tokens_seen']:,}" if train else "0",
+        "last train loss": f"{train[-1]['loss']:.4f}" if train else "n/a",
+        "best eval loss": f"{min(eval_losses):.4f}" if eval_losses else "n/a",
+        "wall clock": f"{(times[-1] - times[0]) / 60:.1f} min between the first and last log" if len(times) > 1
+        else "n/a",
+    }
+    if run["eval"]:
+        facts.update({k: f"{v:.3f}" for k, v in run["eval"].items() if k.startswith("pass@")})
+    return facts
+
+
+def figure(runs: list[dict[str, Any]]):
+    """One panel per metric any run has, each run a line (and pass@k as bars when evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    drawn = [(key, title) for key, title in SERIES if any(key in series(r["records"]) for r in runs)]
+    evaluated = [r for r in runs if r["eval"]]
+    panels = len(drawn) + bool(evaluated)
+    if not panels:
+        raise UserError(f"{', '.join(r['name'] for r in runs)}: metrics.jsonl holds no logged step yet")
+    columns = min(3, panels)
+    rows = -(-panels // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (key, title) in zip(flat, drawn):
+        for run in runs:
+            if key in (points := series(run["records"])):
+                ax.plot(*points[key], marker="o" if len(points[key][0]) < 30 else None, markersize=3,
+                        label=run["name"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "learning_rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if evaluated:
+        ax = flat[len(drawn)]
+        keys = sorted({k for r in evaluated for k in r["eval"] if k.startswith("pass@")})
+        width = 0.8 / (2 * len(evaluated))
+        for i, run in enumerate(evaluated):
+            for j, (label, values) in enumerate([(run["name"], run["eval"]),
+                                                 (f"{run['name']} base", run["eval"].get("base") or {})]):
+                offset = (2 * i + j) * width
+                ax.bar([x + offset for x in range(len(keys))], [values.get(k, 0) for k in keys], width, label=label)
+        ax.set_xticks([x + (2 * len(evaluated) - 1) * width / 2 for x in range(len(keys))], keys)
+        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("pass@k (qlora eval)")
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+    if len(runs) > 1:
+        flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(runs: list[dict[str, Any]]) -> bytes:
+    from matplotlib import pyplot as plt
+
+    fig = figure(runs)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def html_report(runs: list[dict[str, Any]]) -> str:
+    """A self-contained page: the figure inlined as PNG and each run's summary as a table."""
+    image = base64.b64encode(png_bytes(runs)).decode()
+    tables = []
+    for run in runs:
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in summary(run).items())
+        tables.append(f"<h2>{html.escape(run['name'])}</h2><table>{rows}</table>")
+    names = ", ".join(html.escape(r["name"]) for r in runs)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>qlora report: {names}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}"
+            "img{max-width:100%}</style></head>"
+            f"<body><h1>qlora report: {names}</h1><img alt='training curves' src='data:image/png;base64,{image}'>"
+            f"{''.join(tables)}</body></html>\n")
+
+
+def report(run_dirs: list[Path], output: Path | None) -> tuple[Path, list[dict[str, Any]]]:
+    """Write the report (PNG or HTML, told by the suffix; default RUN/report.png for one run) and return the
+    path and the runs' summaries."""
+    if output is None:
+        if len(run_dirs) > 1:
+            raise UserError("--output is needed with several runs: name a .png or .html file")
+        output = run_dirs[0] / "report.png"
+    if output.suffix not in (".png", ".html"):
+        raise UserError(f"--output {output}: name a .png or .html file")
+    if not output.parent.is_dir():
+        raise UserError(f"--output: the directory {output.parent} does not exist; create it first")
+    runs = [read_run(run) for run in run_dirs]
+    if output.suffix == ".png":
+        data = png_bytes(runs)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(output)
+    else:
+        write_atomic(output, html_report(runs))
+    return output, [summary(r) | {"run": r["name"]} for r in runs]
