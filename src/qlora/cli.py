@@ -15,6 +15,7 @@ import typer
 
 from qlora import distributed
 from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
+from qlora.hub import check_repo_id, push
 
 app = typer.Typer(
     help="QLoRA fine-tuning from one YAML recipe: 4-bit NF4 base + LoRA adapters + TRL SFTTrainer.",
@@ -27,6 +28,12 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a recipe key, e.g. --set lora.r=32 (repeatable; YAML-typed values)."),
 ]
+
+
+PushOption = Annotated[Optional[str], typer.Option(
+    help="Then upload the output to this Hugging Face Hub model repo (user/name), with its model card; needs "
+         "`hf auth login` or HF_TOKEN.")]
+PrivateOption = Annotated[bool, typer.Option(help="Create the hub repo as private (with --push-to-hub).")]
 
 
 def _run(action):
@@ -238,6 +245,8 @@ def merge(
     verify: Annotated[bool, typer.Option(help="Compare merged and 4-bit + adapter logits; exit 1 on mismatch.")] = False,
     min_agreement: Annotated[float, typer.Option(help="Top-1 agreement --verify requires between the merged "
                                                       "model and the unmerged adapter on the same base.")] = 0.97,
+    push_to_hub: PushOption = None,
+    private: PrivateOption = False,
 ) -> None:
     """Fold the adapter into the base and save a standalone model that any standard tool loads."""
 
@@ -251,6 +260,8 @@ def merge(
         if not 0 <= min_agreement <= 1:
             raise UserError(f"--min-agreement {min_agreement}: a fraction of tokens, from 0 to 1 (default 0.97)")
         check_shard_size(max_shard_size)
+        if push_to_hub:
+            check_repo_id(push_to_hub)
         merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
         if verify:
             report = verify_run(run, output, base, min_agreement=min_agreement)
@@ -258,6 +269,8 @@ def merge(
             if not report.passed:
                 typer.echo("error: the merged model disagrees with the trained one; do not ship it", err=True)
                 raise typer.Exit(1)
+        if push_to_hub:
+            typer.echo(f"pushed {output} to {push(output, push_to_hub, private)}", err=True)
 
     _run(body)
 
@@ -271,6 +284,8 @@ def export(
         help="Your llama.cpp checkout, whose convert_hf_to_gguf.py is used (default: LLAMA_CPP_DIR, else the one "
              "vendored in the llama-cpp-python source distribution, fetched with pip into ~/.cache/qlora).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace what an earlier export wrote there.")] = False,
+    push_to_hub: PushOption = None,
+    private: PrivateOption = False,
 ) -> None:
     """Merge the adapter into the dequantized base, convert it to GGUF with llama.cpp's converter, check the file,
     and write an Ollama Modelfile with the training prompt as its template: `ollama create NAME -f DIR/Modelfile`."""
@@ -280,9 +295,13 @@ def export(
 
         if llama_cpp is not None and not (llama_cpp / "convert_hf_to_gguf.py").is_file():
             raise UserError(f"--llama-cpp {llama_cpp}: no convert_hf_to_gguf.py there; give a llama.cpp checkout")
+        if push_to_hub:
+            check_repo_id(push_to_hub)
         gguf, modelfile = export_run(run, output, outtype, llama_cpp, overwrite)
         typer.echo(f"wrote {gguf} and {modelfile}; for Ollama: ollama create {run.resolve().name} -f {modelfile}",
                    err=True)
+        if push_to_hub:
+            typer.echo(f"pushed {output} to {push(output, push_to_hub, private)}", err=True)
 
     _run(body)
 

@@ -86,6 +86,7 @@ def export(run: str | Path, output: str | Path, outtype: str = "f16", llama_cpp:
         check_gguf(tmp / name, tokenizer, llama_cpp)
         write_atomic(tmp / "Modelfile", modelfile(name, Template.load(run / ADAPTER_DIR), tokenizer,
                                                   recipe.generation))
+        shutil.move(merged / "README.md", tmp / "README.md")  # the model card: base, data, eval, recipe
         shutil.rmtree(merged)
         write_marker(tmp, "export")
         publish_dir(tmp, output)

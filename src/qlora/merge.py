@@ -20,7 +20,7 @@ from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt
 from qlora.errors import UserError
 from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
-from qlora.rundir import ADAPTER_DIR, RECIPE_FILE
+from qlora.rundir import ADAPTER_DIR, EVAL_SUMMARY, RECIPE_FILE
 
 console = Console(stderr=True)
 
@@ -146,7 +146,9 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
-        (tmp / "README.md").write_text(model_card(recipe, base, dtype), encoding="utf-8")
+        evaluation = json.loads((run / EVAL_SUMMARY).read_text(encoding="utf-8")) if (run / EVAL_SUMMARY).is_file() \
+            else None
+        (tmp / "README.md").write_text(model_card(recipe, base, dtype, evaluation), encoding="utf-8")
         write_marker(tmp, "merge", run=str(run.resolve()))
         publish_dir(tmp, output)
     except BaseException:
@@ -156,9 +158,20 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     return output
 
 
-def model_card(recipe, base: BaseMode, dtype: str) -> str:
+def model_card(recipe, base: BaseMode, dtype: str, evaluation: dict | None = None) -> str:
+    """The README.md of a merged model: hub metadata (base model, the dataset when it is a hub id), what was
+    trained and merged, the eval summary when the run has one, and the recipe."""
+    from qlora.data import is_local_path
+
+    dataset = "" if is_local_path(recipe.data.path) else f"datasets: [{recipe.data.path}]\n"
+    scores = ""
+    if evaluation:
+        rows = "".join(f"| {k} | {v:.3f} | {evaluation.get('base', {}).get(k, float('nan')):.3f} |\n"
+                       for k, v in evaluation.items() if k.startswith("pass@"))
+        scores = f"## Evaluation (`qlora eval`)\n\n| metric | fine-tuned | base |\n|---|---|---|\n{rows}\n"
     return (
-        f"---\nbase_model: {recipe.model.name_or_path}\nlibrary_name: transformers\ntags: [qlora, lora, merged]\n---\n\n"
+        f"---\nbase_model: {recipe.model.name_or_path}\n{dataset}library_name: transformers\n"
+        "tags: [qlora, lora, merged]\n---\n\n"
         f"# Merged QLoRA fine-tune of {recipe.model.name_or_path}\n\n"
         f"LoRA adapter (r={recipe.lora.r}, alpha={recipe.lora.alpha}, targets {recipe.lora.target_modules}) trained "
         f"on `{recipe.data.path}` with the `{recipe.data.template}` prompt template, merged into the "
@@ -166,7 +179,7 @@ def model_card(recipe, base: BaseMode, dtype: str) -> str:
         "The tokenizer's chat template renders a user message as the training prompt, so "
         "`tokenizer.apply_chat_template([{'role': 'user', 'content': X}], add_generation_prompt=True)` "
         "is exactly what the model was trained to continue.\n\n"
-        f"## Recipe\n\n```yaml\n{dump_recipe(recipe)}```\n"
+        f"{scores}## Recipe\n\n```yaml\n{dump_recipe(recipe)}```\n"
     )
 
 

@@ -12,12 +12,11 @@ from typing import Any
 from qlora.config import load_recipe
 from qlora.errors import UserError
 from qlora.files import read_jsonl, write_atomic
-from qlora.rundir import METRICS_FILE, RECIPE_FILE
+from qlora.rundir import EVAL_SUMMARY, METRICS_FILE, RECIPE_FILE
 
 # (metrics.jsonl key, plot title), in the order drawn
 SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("learning_rate", "learning rate"),
           ("grad_norm", "gradient norm"), ("tokens_per_second", "tokens/s"))
-EVAL_SUMMARY = Path("eval") / "summary.json"  # where `qlora eval RUN --out RUN/eval` puts pass@k
 
 
 def read_run(run: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # event files with train.report_to: [tensorboard]
+EVAL_SUMMARY = Path("eval") / "summary.json"  # where `qlora eval RUN --out RUN/eval` puts pass@k
 ENVIRONMENT_FILE = "environment.json"
 LOCK_FILE = ".lock"  # flock()ed by the `train` using the run; holds its PID
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft saves
