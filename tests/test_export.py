@@ -19,7 +19,7 @@ def test_export_writes_a_gguf_of_the_merged_model_and_a_modelfile_with_the_train
         memorised_run, tmp_path, llama_cpp):
     gguf, modelfile = export(memorised_run, tmp_path / "ship", "q8_0", llama_cpp)
     assert gguf == tmp_path / "ship" / f"{memorised_run.name}-q8_0.gguf"
-    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == [".qlora.json", "Modelfile", gguf.name]
+    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == [".qlora.json", "Modelfile", "README.md", gguf.name]
 
     tokenizer = AutoTokenizer.from_pretrained(memorised_run / ADAPTER_DIR)
     reader = gguf_reader(gguf, llama_cpp)
