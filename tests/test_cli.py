@@ -78,3 +78,16 @@ def test_env_lists_every_package_and_the_device_and_version_prints_it():
     assert f"torch: {version('torch')}" in result.stdout
     assert "Failed to load" not in result.stderr  # bitsandbytes' harmless CPU-kernel warning is silenced
     assert run("--version").stdout == f"qlora {version('qlora')}\n"
+
+
+def test_help_names_values_and_choices_not_python_types():
+    import os
+
+    for command, choice in (("merge", "dequantized|original"), ("export", "f16|bf16|q8_0|f32"),
+                            ("eval", "instruct|completion"), ("train", None), ("generate", None)):
+        result = subprocess.run([sys.executable, "-m", "qlora", command, "--help"], capture_output=True, text=True,
+                                env={**os.environ, "COLUMNS": "200"}, timeout=300)
+        assert result.returncode == 0
+        assert not any(t in result.stdout for t in ("<str>", "<int>", "<float>"))
+        assert result.stdout.count("<bool>") == 1  # click's own --help; every flag of ours shows no value
+        assert choice is None or choice in result.stdout

@@ -484,8 +484,28 @@ def tiny(
     _run(body)
 
 
-def main() -> None:  # pragma: no cover - `python -m qlora.cli`
-    sys.exit(app())
+CHOICES = {"base": "dequantized|original", "dtype": "bfloat16|float16|float32", "outtype": "f16|bf16|q8_0|f32",
+           "style": "instruct|completion"}
+
+
+def name_value_types(command) -> None:
+    """In --help, name what each option takes (N, NUMBER, TEXT, PATH, or its choices) rather than typer's Python
+    types (<int>, <str>, <path>), and nothing for a flag."""
+    names = {bool: "", int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
+    for sub in getattr(command, "commands", {}).values():
+        name_value_types(sub)
+    for param in command.params:
+        if param.metavar is None and getattr(param, "is_flag", None) is not None:  # an option, not an argument
+            kind = param.type_descriptor.annotation
+            inner = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
+            param.metavar = CHOICES.get(param.name) or names.get(inner[0] if inner else kind, "TEXT")
+
+
+def main() -> None:
+    """The `qlora` command (and `python -m qlora`)."""
+    command = typer.main.get_command(app)
+    name_value_types(command)
+    sys.exit(command())
 
 
 if __name__ == "__main__":
