@@ -144,3 +144,9 @@ def test_recipe_encodings(tmp_path, content, message):
     else:
         with pytest.raises(UserError, match=re.escape(message)):
             load_recipe(tmp_path / "r.yaml")
+
+
+def test_min_lr_ratio_needs_the_cosine_schedule():
+    raw = {**MINIMAL, "train": {**MINIMAL["train"], "min_lr_ratio": 0.1, "lr_scheduler": "linear"}}
+    assert error_for(raw) == ("r.yaml: train.min_lr_ratio applies to the cosine schedule, not linear; set "
+                              "train.lr_scheduler: cosine or drop min_lr_ratio")

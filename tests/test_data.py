@@ -284,3 +284,12 @@ def test_a_format_that_matches_no_row_says_which_columns_the_file_has(tmp_path, 
     with pytest.raises(UserError, match="Does data.format \\(messages\\) match the file\\? Its first row has the "
                                         "columns instruction, input, output"):
         tokenize(tmp_path, tokenizers["gemma"], [ROW, ROW_WITH_INPUT], format="messages")
+
+
+def test_train_on_inputs_makes_every_token_a_label(tmp_path, tokenizers):
+    tok = tokenizers["gemma"]
+    masked_ids, masked, _ = tokenize(tmp_path, tok, [ROW, ROW_WITH_INPUT])
+    ids, labels, report = tokenize(tmp_path, tok, [ROW, ROW_WITH_INPUT], train_on_inputs=True)
+    assert ids == masked_ids and labels == ids  # the same tokens, all trained
+    assert any(IGNORE_INDEX in lab for lab in masked)
+    assert report.trained_tokens == report.tokens

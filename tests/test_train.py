@@ -1,6 +1,8 @@
 """End to end on CPU: quantize -> LoRA -> SFTTrainer -> run directory -> load -> greedy decode."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +123,43 @@ def test_tensorboard_event_files_are_written_beside_the_metrics(make_recipe):
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert not list((run / "checkpoints").glob("runs"))
+
+
+def test_optimizer_schedule_eval_neftune_and_extra_knobs_reach_the_trainer(make_recipe):
+    class Seen(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.args, self.betas = args, optimizer.param_groups[0]["betas"]
+            embedding = model.get_input_embeddings()
+            ids = torch.tensor([[1, 2, 3]])
+            training = embedding(ids)  # NEFTune's noise is added in training mode only
+            embedding.eval()
+            clean = embedding(ids)
+            self.noisy = not torch.equal(training, clean)
+            self.clean_in_eval = torch.equal(clean, embedding(ids))
+            embedding.train()
+
+    seen = Seen()
+    recipe = make_recipe(rows=[ROW, ROW_WITH_INPUT] * 5, data={"eval_fraction": 0.2},
+                         train={"max_steps": 4, "logging_steps": 1, "save_steps": 4, "eval_steps": 2,
+                                "eval_batch_size": 3, "lr_scheduler": "cosine", "min_lr_ratio": 0.5,
+                                "warmup_ratio": 0.0, "neftune_noise_alpha": 5.0, "adam_beta1": 0.8,
+                                "adam_beta2": 0.95, "adam_epsilon": 1e-6, "extra": {"logging_nan_inf_filter": False}})
+    run = train(recipe, callbacks=[seen])
+    assert seen.betas == (0.8, 0.95) and seen.args.adam_epsilon == 1e-6
+    assert seen.args.per_device_eval_batch_size == 3 and seen.args.logging_nan_inf_filter is False
+    assert seen.noisy and seen.clean_in_eval
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "eval_loss" in m] == [2, 4]
+    last_lr = [m["learning_rate"] for m in lines if "learning_rate" in m][-1]
+    assert 0.5 * 1e-2 <= last_lr < 1e-2  # cosine down to half the peak, not to 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"learning_rate": 1.0}, "train.extra.learning_rate: qlora sets learning_rate from the recipe"),
+    ({"torch_compil": True}, "train.extra.torch_compil is not an SFTConfig field; did you mean torch_compile?"),
+])
+def test_train_extra_takes_only_fields_the_recipe_does_not_own(make_recipe, extra, message):
+    recipe = make_recipe(train={"extra": extra})
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        train(recipe)
+    assert not Path(recipe.train.output_dir).exists()  # refused before anything was written

@@ -232,7 +232,10 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     path `check` and `train` share. Tokenizing the rows (data.build_datasets) comes after it in both."""
     from qlora.model import load_tokenizer, resolve_recipe
 
+    from qlora.train import check_extra
+
     recipe = resolve_recipe(recipe)
+    check_extra(recipe)
     data, model = recipe.data, recipe.model
     rows = load_rows(data)
     eval_rows = load_rows(data, "eval_path") if data.eval_path else None

@@ -130,6 +130,9 @@ class DataSection(_Section):
         0.0, ge=0, lt=0.5, description="Hold out this fraction of rows (seeded) to report eval loss; 0 = none."
     )
     eval_path: str | None = Field(None, description="A separate eval file (same format); exclusive with eval_fraction.")
+    train_on_inputs: bool = Field(
+        False, description="Train on the prompt tokens too (loss on every token), not only on the responses."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -203,6 +206,22 @@ class TrainSection(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         [], description="Extra experiment trackers (metrics.jsonl is always written)."
     )
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps; null = save_steps.")
+    eval_batch_size: int | None = Field(None, gt=0, description="Sequences per device per eval batch; null = batch_size.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise on the input embeddings while training (the paper uses 5); "
+        "null = off. Generation never sees it."
+    )
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW's first-moment decay (8-bit and paged ones too).")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW's second-moment decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, lt=1, description="cosine schedule only: decay to this fraction of learning_rate instead of 0."
+    )
+    extra: dict[str, Any] = Field(
+        {}, description="Further SFTConfig / TrainingArguments fields by name (e.g. {torch_compile: true}); a name "
+        "SFTConfig lacks, or that a key above already sets, is refused."
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="With several processes (`--nproc-per-node`, torchrun, accelerate launch): ddp = every GPU holds "
@@ -210,6 +229,14 @@ class TrainSection(_Section):
         "(FSDP-QLoRA, for a model that does not fit one GPU; CUDA only; needs quantization.quant_storage = the "
         "compute dtype).",
     )
+
+
+    @model_validator(mode="after")
+    def _min_lr_with_cosine(self) -> TrainSection:
+        if self.min_lr_ratio and self.lr_scheduler != "cosine":
+            raise ValueError(f"train.min_lr_ratio applies to the cosine schedule, not {self.lr_scheduler}; set "
+                             "train.lr_scheduler: cosine or drop min_lr_ratio")
+        return self
 
 
 class GenerationSection(_Section):

@@ -451,6 +451,8 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
         except BoundaryMerge:
             report.invalid.setdefault(BOUNDARY_PROBLEM, []).append(index)
             continue
+        if data.train_on_inputs:  # every token is a label; the model's shift leaves the first unscored
+            lab = list(ids)
         if len(ids) > data.max_length:
             if data.too_long == "error":
                 raise UserError(f"{source}: row {index} has {len(ids)} tokens, over data.max_length="

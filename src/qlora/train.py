@@ -222,25 +222,29 @@ def collator(recipe: Recipe, tokenizer):
     return None
 
 
-def sft_config(recipe: Recipe, run: Path):
-    """SFTConfig from the recipe's train section (warmup_ratio becomes warmup_steps, a ratio when < 1)."""
-    from trl import SFTConfig
-
+def sft_arguments(recipe: Recipe, run: Path) -> dict:
+    """SFTConfig's fields from the recipe (warmup_ratio becomes warmup_steps, a ratio when < 1)."""
     import torch
 
     t, compute = recipe.train, recipe.quantization.compute_dtype
-    return SFTConfig(
+    return dict(
         output_dir=str(run / CHECKPOINT_DIR),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_type="cosine_with_min_lr" if t.min_lr_ratio else t.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.min_lr_ratio else {},
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed,
@@ -248,7 +252,7 @@ def sft_config(recipe: Recipe, run: Path):
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         eval_strategy="steps" if recipe.data.eval_fraction or recipe.data.eval_path else "no",
-        eval_steps=t.save_steps,
+        eval_steps=t.eval_steps or t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to) or "none",
         bf16=compute == "bfloat16",
@@ -267,6 +271,32 @@ def sft_config(recipe: Recipe, run: Path):
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient at every step
         **fsdp_arguments(recipe),
     )
+
+
+def sft_config(recipe: Recipe, run: Path):
+    """The SFTConfig the trainer runs with: the recipe's fields and train.extra."""
+    from trl import SFTConfig
+
+    return SFTConfig(**sft_arguments(recipe, run), **recipe.train.extra)
+
+
+def check_extra(recipe: Recipe) -> None:
+    """train.extra may name only SFTConfig fields that no recipe key sets."""
+    import dataclasses
+    import difflib
+
+    from trl import SFTConfig
+
+    fields = sorted(f.name for f in dataclasses.fields(SFTConfig))
+    owned = set(sft_arguments(recipe, Path("run"))) | {"fsdp", "fsdp_config"}
+    for key in recipe.train.extra:
+        if key in owned:
+            raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use the recipe's own key "
+                            "(README, Recipe reference)")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see transformers' TrainingArguments and TRL's SFTConfig"
+            raise UserError(f"train.extra.{key} is not an SFTConfig field; {hint}")
 
 
 def fsdp_arguments(recipe: Recipe) -> dict:
