@@ -100,3 +100,29 @@ def test_overwrite_replaces_only_a_model_merge_wrote_never_the_run(memorised_run
     assert merge(memorised_run, out, dtype="float32", overwrite=True) == out
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").read_bytes() != first
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no .tmp or .old sibling left
+
+
+def test_an_8bit_base_trains_resumes_generates_and_merges_within_the_bar(make_recipe, tmp_path):
+    """LLM.int8 (bitsandbytes' Linear8bitLt) runs on CPU: the whole life of a run on an 8-bit base."""
+    from qlora.check import estimate_memory, model_shape
+    from qlora.generate import generate, load_run
+    from qlora.model import resolve_recipe
+    from qlora.train import train
+
+    recipe = make_recipe(rows=[ROW], quantization={"load_in_8bit": True},
+                         train={"max_steps": 40, "batch_size": 1, "lr_scheduler": "constant", "save_steps": 20,
+                                "logging_steps": 20})
+    assert not recipe.quantization.load_in_4bit
+    half = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 20})})
+    run = train(half)
+    train(recipe)  # resumes from checkpoint-20
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [20, 40]
+    loaded = load_run(run)
+    assert type(loaded.model.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear8bitLt"
+    assert generate(loaded, [(ROW["instruction"], "")], recipe.generation)[0] == ROW["output"]
+    del loaded
+    out = merge(run, tmp_path / "merged8")
+    report = verify(run, out)
+    assert report.passed and report.merge_agreement >= MIN_AGREEMENT
+    parts = estimate_memory(resolve_recipe(recipe), model_shape(resolve_recipe(recipe)), 512)["parts"]
+    assert parts["int8_weights"] == model_shape(resolve_recipe(recipe)).quantized  # one byte per weight

@@ -118,6 +118,12 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
         # a float32 norm weight times a compute-dtype activation is float32: so is the residual stream between layers
         stream = 4
         dequantized = shape.largest * compute
+    elif q.load_in_8bit:
+        # LLM.int8: one byte per weight and a float32 scale per output row (counted with the weights' rounding)
+        weights, constants = shape.quantized * 1.0, 0.0
+        embedding = compute if q.compute_dtype == "bfloat16" else 4
+        other = shape.embeddings * embedding + (shape.other - shape.embeddings) * 4
+        stream, dequantized = 4, shape.largest * compute
     else:
         weights, constants, embedding = shape.quantized * compute, 0.0, compute
         other = shape.other * compute
@@ -139,7 +145,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     head = chunk * shape.vocab * (compute + 4) + 2 * trained * h * stream
     share = processes if t.distributed == "fsdp" else 1
     parts = {
-        "nf4_weights" if q.load_in_4bit else "base_weights": weights / share,
+        "nf4_weights" if q.load_in_4bit else "int8_weights" if q.load_in_8bit else "base_weights": weights / share,
         "quantization_constants": constants / share,
         "unquantized_weights": other / share,
         "lora_weights_grads_optimizer": adapters / share,

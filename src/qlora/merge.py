@@ -89,16 +89,22 @@ def check_output(run: Path, output: Path, overwrite: bool, keep: list[Path], com
     check_replaceable(output, command, "--output", keep)
 
 
+def dequantized_base(recipe):
+    """The 4- or 8-bit base dequantized in the compute dtype: the very weights its kernels used in training."""
+    from qlora.model import compute_torch_dtype, load_quantized_base
+
+    return load_quantized_base(recipe).dequantize(dtype=compute_torch_dtype(recipe.quantization))
+
+
 def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):
     """The base with the run's adapter folded in, as a plain (unquantized) transformers model."""
     from peft import PeftModel
 
-    from qlora.model import compute_torch_dtype, load_full_precision_base, load_quantized_base, torch_dtype
+    from qlora.model import load_full_precision_base, torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
-    if base == "dequantized" and recipe.quantization.load_in_4bit:
-        # dequantize in the compute dtype: the very weights the 4-bit kernels used during training
-        model = load_quantized_base(recipe).dequantize(dtype=compute_torch_dtype(recipe.quantization))
+    if base == "dequantized" and recipe.quantization.quantized:
+        model = dequantized_base(recipe)
     else:
         model = load_full_precision_base(recipe, torch_dtype(dtype))
     console.print("folding in the adapter")
@@ -199,7 +205,7 @@ class VerifyReport:
         return self.merge_agreement >= self.required
 
     def summary(self) -> str:
-        return (f"vs the 4-bit model: max |logit diff| {self.max_abs_logit_diff:.4g}, mean KL {self.mean_kl:.3g}, "
+        return (f"vs the quantized model: max |logit diff| {self.max_abs_logit_diff:.4g}, mean KL {self.mean_kl:.3g}, "
                 f"top-1 agreement {self.top1_agreement:.2%} over {self.positions} positions; "
                 f"vs the unmerged adapter on the same base: {self.merge_agreement:.2%} (required {self.required:.0%})")
 
@@ -236,11 +242,12 @@ def _free(model) -> None:
 
 def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantized", prompts=VERIFY_PROMPTS,
            new_tokens: int = 16, min_agreement: float = MIN_AGREEMENT) -> VerifyReport:
-    """Compare the merged model with the 4-bit base + adapter on held-out prompts and their continuations.
+    """Compare the merged model with the quantized base + adapter on held-out prompts and their continuations.
 
     The pass/fail bar compares the merge with its exact unmerged counterpart: the 4-bit base + adapter
-    for a dequantized merge, the full-precision base + adapter for an original one (whose distance to
-    the 4-bit model is the NF4 error, reported but not a fault of the merge). Models are loaded one at
+    for a dequantized merge (the dequantized 8-bit base + adapter for an 8-bit run), the full-precision base +
+    adapter for an original one (whose distance to the quantized model is the quantization error, reported but
+    not a fault of the merge). Models are loaded one at
     a time and only logits kept, so verifying needs no more memory than merging.
     """
     import torch
@@ -267,9 +274,16 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
     _free(merged_model)
 
     counterpart = trained
-    if base == "original":
-        original = load_full_precision_base(recipe, inference_dtype())
-        unmerged = PeftModel.from_pretrained(original, Path(run) / ADAPTER_DIR)
+    # an original merge's counterpart is the full-precision base + adapter; LLM.int8 also rounds the activations
+    # to 8 bits, which no merged model does, so an 8-bit dequantized merge's is the dequantized base + adapter
+    if base == "original" or recipe.quantization.load_in_8bit:
+        dtype = inference_dtype()  # computing as the merged model is loaded: float32 on CPU, as saved on CUDA
+        if base == "original":
+            unquantized = load_full_precision_base(recipe, dtype)
+        else:
+            unquantized = dequantized_base(recipe)
+            unquantized = unquantized if dtype == "auto" else unquantized.to(dtype)
+        unmerged = PeftModel.from_pretrained(unquantized, Path(run) / ADAPTER_DIR)
         counterpart = _logits(unmerged, sequences, start)
         _free(unmerged)
     return VerifyReport(*_compare(trained, merged), merge_agreement=_compare(counterpart, merged)[2],

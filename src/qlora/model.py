@@ -175,6 +175,9 @@ def check_fsdp(q: QuantizationSection, optimizer: str) -> None:
     if not torch.cuda.is_available():
         raise UserError("train.distributed: fsdp shards the model across CUDA GPUs and this machine has none; "
                         "use ddp (the default), which also runs on CPU")
+    if q.load_in_8bit:
+        raise UserError("quantization.load_in_8bit with train.distributed: fsdp: FSDP shards 4-bit weights only "
+                        "(peft's FSDP guide); use load_in_4bit or ddp")
     if q.load_in_4bit and q.quant_storage != q.compute_dtype:
         raise UserError(f"quantization.quant_storage: {q.quant_storage} with train.distributed: fsdp must be the "
                         f"compute dtype, {q.compute_dtype}")
@@ -195,9 +198,11 @@ def compute_torch_dtype(q: QuantizationSection):
 
 
 def get_quantization_config(q: QuantizationSection):
-    """The BitsAndBytesConfig for the recipe, or None when the base is not loaded in 4 bits."""
+    """The BitsAndBytesConfig for the recipe, or None when the base is loaded in full precision."""
     from transformers import BitsAndBytesConfig
 
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
     if not q.load_in_4bit:
         return None
     return BitsAndBytesConfig(
@@ -374,7 +379,7 @@ def add_lora(model, recipe: Recipe):
         # turns gradient checkpointing on
         model.enable_input_require_grads()
         return get_peft_model(model, get_lora_config(recipe.lora))
-    if recipe.quantization.load_in_4bit:
+    if recipe.quantization.quantized:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,

@@ -374,8 +374,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         if world > 1:
             console.print(f"{world} processes (DDP): effective batch {t.batch_size} x {t.grad_accum} x {world} = "
                           f"{t.batch_size * t.grad_accum * world} examples per optimizer step")
-        console.print(f"loading {recipe.model.name_or_path} "
-                      f"({'4-bit ' + q.quant_type if q.load_in_4bit else 'full precision'})")
+        width = f"4-bit {q.quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "full precision"
+        console.print(f"loading {recipe.model.name_or_path} ({width})")
         set_seed(t.seed)  # the adapter's initial weights too, so a run can be repeated exactly
         model = add_lora(load_quantized_base(recipe), recipe)
         trainable, total = model.get_nb_trainable_parameters()
