@@ -91,3 +91,13 @@ def test_help_names_values_and_choices_not_python_types():
         assert not any(t in result.stdout for t in ("<str>", "<int>", "<float>"))
         assert result.stdout.count("<bool>") == 1  # click's own --help; every flag of ours shows no value
         assert choice is None or choice in result.stdout
+
+
+def test_a_malformed_command_line_is_one_error_line_and_exit_2(tmp_path):
+    for args, message in ((["merge", "x"], "error: Missing option '--output'. (see --help)"),
+                          (["eval", "x", "--n", "abc"], "error: Invalid value for '--n': "),
+                          (["nonsense"], "error: No such command 'nonsense'. (see --help)")):
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)
+    bare = run()  # bare `qlora` shows its help
+    assert bare.returncode == 0 and "Usage: " in bare.stdout and "Commands" in bare.stdout

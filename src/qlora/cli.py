@@ -502,10 +502,21 @@ def name_value_types(command) -> None:
 
 
 def main() -> None:
-    """The `qlora` command (and `python -m qlora`)."""
+    """The `qlora` command (and `python -m qlora`). A malformed command line (a missing option, a value of the wrong
+    type) is one line on stderr and exit 2, like every other bad input."""
+    from typer.core import _click
+
     command = typer.main.get_command(app)
     name_value_types(command)
-    sys.exit(command())
+    try:
+        code = command.main(standalone_mode=False)
+    except _click.exceptions.NoArgsIsHelpError as exc:  # bare `qlora`: its help, as no_args_is_help promises
+        typer.echo(exc.ctx.get_help())
+        sys.exit(0)
+    except _click.ClickException as exc:
+        typer.echo(f"error: {one_line(exc.format_message())} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":
