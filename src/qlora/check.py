@@ -108,22 +108,19 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     """
     q, t = recipe.quantization, recipe.train
     compute = DTYPE_BYTES[q.compute_dtype]
-    if q.load_in_4bit:
-        weights = shape.quantized * 0.5
-        constants = shape.quantized / NF4_BLOCK * (1 + 4 / NESTED_BLOCK if q.double_quant else 4)
+    if q.quantized:
+        if q.load_in_4bit:
+            weights = shape.quantized * 0.5
+            constants = shape.quantized / NF4_BLOCK * (1 + 4 / NESTED_BLOCK if q.double_quant else 4)
+        else:  # LLM.int8: one byte per weight; its float32 scale per output row is lost in the rounding
+            weights, constants = shape.quantized * 1.0, 0.0
         # add_lora: norms in float32 (peft's k-bit preparation); the embedding and head back in bf16 when bf16
         # computes, float32 otherwise
         embedding = compute if q.compute_dtype == "bfloat16" else 4
         other = shape.embeddings * embedding + (shape.other - shape.embeddings) * 4
         # a float32 norm weight times a compute-dtype activation is float32: so is the residual stream between layers
         stream = 4
-        dequantized = shape.largest * compute
-    elif q.load_in_8bit:
-        # LLM.int8: one byte per weight and a float32 scale per output row (counted with the weights' rounding)
-        weights, constants = shape.quantized * 1.0, 0.0
-        embedding = compute if q.compute_dtype == "bfloat16" else 4
-        other = shape.embeddings * embedding + (shape.other - shape.embeddings) * 4
-        stream, dequantized = 4, shape.largest * compute
+        dequantized = shape.largest * compute  # each quantized weight is dequantized whole for its matmul
     else:
         weights, constants, embedding = shape.quantized * compute, 0.0, compute
         other = shape.other * compute

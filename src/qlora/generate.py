@@ -17,7 +17,7 @@ from typing import Any, Callable, TextIO
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt
 from qlora.errors import RunInterrupted, UserError
-from qlora.files import jsonl_lines, read_jsonl, read_text
+from qlora.files import complete_lines, jsonl_lines, read_jsonl, read_text
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
@@ -215,10 +215,8 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
     from rich.progress import Progress
 
     done = rows_already_written(out_path, in_path, rows)
-    if out_path.exists():  # drop a last line cut short by a crash
-        text = out_path.read_text(encoding="utf-8")
-        with out_path.open("r+", encoding="utf-8") as f:
-            f.truncate(len(text[: text.rfind("\n") + 1].encode()))
+    if out_path.exists():
+        complete_lines(out_path, "--output-file")
     written = 0
     try:
         with out_path.open("a", encoding="utf-8") as out, Progress(console=console) as progress:

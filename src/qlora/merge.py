@@ -20,7 +20,7 @@ from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt
 from qlora.errors import UserError
 from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
-from qlora.rundir import ADAPTER_DIR, EVAL_SUMMARY, RECIPE_FILE
+from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, read_eval_summary
 
 console = Console(stderr=True)
 
@@ -152,9 +152,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
-        evaluation = json.loads((run / EVAL_SUMMARY).read_text(encoding="utf-8")) if (run / EVAL_SUMMARY).is_file() \
-            else None
-        (tmp / "README.md").write_text(model_card(recipe, base, dtype, evaluation), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(recipe, base, dtype, read_eval_summary(run)), encoding="utf-8")
         write_marker(tmp, "merge", run=str(run.resolve()))
         publish_dir(tmp, output)
     except BaseException:

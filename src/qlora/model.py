@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qlora import distributed
 from qlora.errors import UserError
 
 # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernels-hub package is absent;
@@ -119,8 +120,6 @@ def check_devices() -> None:
     """Several visible GPUs need one process each (the trainer would fall back to DataParallel, which 4-bit
     models do not support)."""
     import torch
-
-    from qlora import distributed
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count > 1 and distributed.world_size() == 1:
@@ -303,15 +302,11 @@ def device_map():
     CPU."""
     import torch
 
-    from qlora import distributed
-
     return {"": distributed.local_rank()} if torch.cuda.is_available() else {"": "cpu"}
 
 
 def sharded(recipe: Recipe) -> bool:
     """Whether training shards the model with FSDP (train.distributed: fsdp, under several processes)."""
-    from qlora import distributed
-
     return recipe.train.distributed == "fsdp" and distributed.world_size() > 1
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from qlora.config import load_recipe
 from qlora.errors import UserError
 from qlora.files import read_jsonl, write_atomic
-from qlora.rundir import EVAL_SUMMARY, METRICS_FILE, RECIPE_FILE
+from qlora.rundir import METRICS_FILE, RECIPE_FILE, read_eval_summary
 
 # (metrics.jsonl key, plot title), in the order drawn
 SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("learning_rate", "learning rate"),
@@ -24,9 +23,8 @@ def read_run(run: Path) -> dict[str, Any]:
     if not (run / RECIPE_FILE).is_file() or not (run / METRICS_FILE).is_file():
         raise UserError(f"{run}: not a qlora run with metrics (needs {RECIPE_FILE} and {METRICS_FILE})")
     records = [r for _, r in read_jsonl(run / METRICS_FILE, METRICS_FILE)]
-    evaluation = json.loads((run / EVAL_SUMMARY).read_text(encoding="utf-8")) if (run / EVAL_SUMMARY).is_file() else None
     return {"name": run.resolve().name, "recipe": load_recipe(run / RECIPE_FILE), "records": records,
-            "eval": evaluation}
+            "eval": read_eval_summary(run)}
 
 
 def series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from qlora.config import Recipe, load_recipe
 from qlora.errors import UserError
-from qlora.files import check_replaceable, read_marker, write_atomic, write_marker
+from qlora.files import check_replaceable, read_marker, write_atomic, write_json, write_marker
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
@@ -43,6 +43,12 @@ FSDP_CHECKPOINT_FILES = (*ADAPTER_FILES[:2], "scheduler.pt", TRAINER_STATE_JSON)
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR and the step
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
+
+
+def read_eval_summary(run: Path) -> dict | None:
+    """The summary.json of a `qlora eval RUN --out RUN/eval`, or None when the run was not evaluated there."""
+    path = run / EVAL_SUMMARY
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -247,5 +253,5 @@ def record_environment(path: Path, step: int, device: str) -> None:
              **{name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}}
     if starts and starts[-1]["device"] != entry["device"]:
         console.print(f"note: the run trained on {starts[-1]['device']} and continues on {entry['device']}")
-    write_atomic(path, json.dumps([*starts, entry], indent=1) + "\n")
+    write_json(path, [*starts, entry])
 

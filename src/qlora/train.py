@@ -346,7 +346,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     from transformers import PrinterCallback, set_seed
     from transformers.integrations import TensorBoardCallback
 
-    from qlora.checkpoint import QLoRATrainer, StopAtSignal
+    from qlora.checkpoint import QLoRATrainer, ShardedQLoRATrainer, StopAtSignal
 
     distributed.start(cpu=not torch.cuda.is_available())
     # every check `qlora check` runs, on every rank (each must see the model and data); nothing is written before
@@ -381,7 +381,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
-        trainer = QLoRATrainer(
+        trainer = (ShardedQLoRATrainer if sharded(recipe) else QLoRATrainer)(
             model=model,
             args=sft_config(recipe, run),
             train_dataset=dataset,
@@ -432,7 +432,7 @@ def prepare_run(recipe: Recipe, run: Path, overwrite: bool, pre: Preflight) -> R
 
 def readable_checkpoint(checkpoint: Path) -> None:
     """A rank that resumes must read the checkpoint rank 0 chose."""
-    if not complete_checkpoints(checkpoint.parent) or not checkpoint.is_dir():
+    if checkpoint not in complete_checkpoints(checkpoint.parent):
         raise UserError(f"train.output_dir: {checkpoint} is not readable on this machine; a run on several "
                         "machines needs its output_dir on a filesystem every machine sees")
 
