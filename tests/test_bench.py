@@ -43,3 +43,11 @@ def test_bench_upcast_tiny_compares_the_casts_and_checks_the_estimate(tmp_path):
     for v in (upcast, kept):
         assert v["peak_rss_bytes"] >= v["rss_loaded_bytes"] > 0 and v["tokens_per_second"] > 0
         assert len(v["losses"]) == 2 and v["max_relative_loss_difference_to_reference"] < 0.01
+
+
+def test_bench_quant_error_orders_the_quantizations(tmp_path):
+    out = tmp_path / "q.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quant_error.py"), "--size", "256", "--out",
+                    str(out)], check=True, capture_output=True, timeout=300)
+    errors = json.loads(out.read_text())["relative_rms_error"]
+    assert errors["bfloat16"] < errors["int8"] < errors["nf4_double_quant"] < errors["fp4"]

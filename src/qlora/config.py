@@ -43,8 +43,8 @@ class QuantizationSection(_Section):
     )
     load_in_8bit: bool = Field(
         False, description="Load the frozen base in 8 bits (LLM.int8) instead: about 1 byte per weight against 4-bit's "
-        "0.52, for a weight error of 0.9% against NF4's 9.2% (relative RMS on a Gaussian 4096 x 4096 matrix, "
-        "measured here); the QLoRA paper found NF4 + double quantization already matches 16-bit LoRA, so 8 bits "
+        "0.52, for a weight error of 0.9% against NF4's 9.2% (relative RMS on a Gaussian 4096 x 4096 matrix: "
+        "scripts/bench_quant_error.py); the QLoRA paper found NF4 + double quantization already matches 16-bit LoRA, so 8 bits "
         "are for when memory is plentiful. Implies load_in_4bit: false."
     )
     quant_type: Literal["nf4", "fp4"] = Field(
