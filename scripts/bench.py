@@ -159,6 +159,7 @@ def load_variant(model_dir: Path, variant: str, args):
     from qlora.loss import add_trained_token_loss
     from qlora.model import (add_lora, device_map, get_lora_config, get_quantization_config, load_quantized_base,
                              torch_dtype)
+    from qlora.tiny import build_tokenizer
 
     recipe = recipe_for(model_dir, args)
     compute = torch_dtype(recipe.quantization.compute_dtype)
@@ -176,7 +177,7 @@ def load_variant(model_dir: Path, variant: str, args):
         def loss_of(batch):
             return model(**batch).loss
     else:
-        model = add_lora(load_quantized_base(recipe), recipe)
+        model = add_lora(load_quantized_base(recipe), recipe, build_tokenizer("gemma"))  # the data's tokenizer
         model.enable_input_require_grads()  # as the trainer does for checkpointing
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer_for(recipe, params)

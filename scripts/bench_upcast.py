@@ -105,11 +105,12 @@ def load_variant(model_dir: Path, variant: str, args):
     from trl.trainer.utils import add_fused_lm_head
 
     from qlora.model import add_lora, load_quantized_base, torch_dtype
+    from qlora.tiny import build_tokenizer
 
     recipe = recipe_for(model_dir, args)
     compute = torch_dtype(recipe.quantization.compute_dtype)
     set_seed(recipe.train.seed)  # as train does: every variant starts from the same adapter weights
-    model = add_lora(load_quantized_base(recipe), recipe)
+    model = add_lora(load_quantized_base(recipe), recipe, build_tokenizer("gemma"))
     as_add_lora_leaves_it = parameter_bytes(model)
     cast_frozen(model, variant, compute)
     # what SFTTrainer adds: input gradients for checkpointing, the fused LM head

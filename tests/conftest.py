@@ -82,6 +82,20 @@ def memorised_run(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="session")
+def trained_tokens_run(tmp_path_factory, tiny_model):
+    """A run of a tiny Llama-2 (whose tokenizer lacks ChatML's tokens) trained with template chatml and
+    lora.trained_tokens until it reproduces ROW's response: 20 steps, then resumed to 40."""
+    from qlora.train import train
+
+    recipe = recipe_for(tmp_path_factory.mktemp("trained-tokens"), tiny_model("llama"), [ROW],
+                        data={"template": "chatml"}, lora={"trained_tokens": ["<|im_start|>", "<|im_end|>"]},
+                        train={"max_steps": 20, "batch_size": 1, "learning_rate": 3e-3, "lr_scheduler": "constant",
+                               "logging_steps": 20, "save_steps": 20})
+    train(recipe)
+    return train(recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 40})}))
+
+
+@pytest.fixture(scope="session")
 def llama_cpp():
     """llama.cpp's stock converter; a test using it skips only when no package registry answered pip."""
     from qlora.errors import RunFailed

@@ -22,13 +22,14 @@ class World:
     model: Path
     run: Path  # a finished run (tiny Gemma), shared by the session: it must come out of every case unchanged
     recipe: dict
+    phi: Path  # a tiny Phi-2, whose LM head has a bias
 
 
 @pytest.fixture(scope="module")
 def world(tiny_model, memorised_run):
     recipe = {"model": {"name_or_path": str(tiny_model("gemma"))}, "data": {"path": "data.json", "max_length": 512},
               "train": {"output_dir": "run", "max_steps": 2, "batch_size": 1, "grad_accum": 1}}
-    return World(tiny_model("gemma"), memorised_run, recipe)
+    return World(tiny_model("gemma"), memorised_run, recipe, tiny_model("phi"))
 
 
 def write_recipe(w: World, changes: dict | None = None, text: str | None = None, name="recipe.yaml") -> str:
@@ -107,6 +108,14 @@ RECIPE_CASES = [
     ("empty-targets", recipe_with(lora__target_modules=[]), "lora.target_modules"),
     ("target-matching-nothing", recipe_with(lora__target_modules=["q_proj", "qproj"]), "qproj"),
     ("modules-to-save-matching-nothing", recipe_with(lora__modules_to_save=["head"]), "lora.modules_to_save"),
+    ("trained-token-blank", recipe_with(lora__trained_tokens=["<|im_end|>", " "]), "lora.trained_tokens[1]"),
+    ("trained-token-spaced", recipe_with(lora__trained_tokens=[" <|im_end|>"]), "lora.trained_tokens[0]"),
+    ("trained-token-twice", recipe_with(lora__trained_tokens=["<|im_end|>", "<|im_end|>"]), "lora.trained_tokens"),
+    ("trained-tokens-with-fsdp", recipe_with(train__distributed="fsdp", quantization__quant_storage="bfloat16",
+                                             lora__trained_tokens=["<|im_end|>"]), "lora.trained_tokens"),
+    ("trained-tokens-biased-head", lambda w: [write_recipe(w, {"model.name_or_path": str(w.phi),
+                                                               "lora.trained_tokens": ["<|im_end|>"]})],
+     "lora.modules_to_save"),
     ("tracker-not-installed", recipe_with(train__report_to=["wandb"]), "train.report_to"),
     ("flash-attention-on-cpu", recipe_with(model__attn_implementation="flash_attention_2"),
      "model.attn_implementation"),

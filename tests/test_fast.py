@@ -37,7 +37,7 @@ def test_fused_tiled_lm_head_gives_the_full_logits_loss_and_gradients(make_recip
     batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(
         [{"input_ids": i, "labels": l} for i, l in examples])
 
-    model = add_lora(load_quantized_base(recipe), recipe)
+    model = add_lora(load_quantized_base(recipe), recipe, tok)
     torch.manual_seed(0)
     for name, p in model.named_parameters():  # non-zero lora_B so the adapter takes part in the forward
         if "lora_B" in name:
@@ -83,7 +83,7 @@ def test_packed_rows_give_each_example_its_own_loss(make_recipe):
     batch = PackedCollator(tok.pad_token_id, capacity)(examples)
     assert batch["input_ids"].shape[0] > 1 and (batch["labels"] != -100).sum() == sum(
         sum(x != -100 for x in e["labels"]) for e in examples)  # the first label of each is the masked BOS anyway
-    model = add_lora(load_quantized_base(recipe), recipe)
+    model = add_lora(load_quantized_base(recipe), recipe, tok)
     base = model.get_base_model()
     head = fusable_head(base)
     with torch.no_grad():

@@ -56,7 +56,7 @@ def test_stop_string_ends_the_output_before_it(loaded):
     expected = ROW["output"].split("[::")[0]
     assert generate(loaded, [(ROW["instruction"], "")], sampling) == [expected]
     out = io.StringIO()
-    generate(loaded, [(ROW["instruction"], "")], sampling, streamer=StopAwareStreamer(loaded.tokenizer, ["[::"], out))
+    generate(loaded, [(ROW["instruction"], "")], sampling, streamer=StopAwareStreamer(loaded, sampling, out))
     assert out.getvalue() == expected
 
 

@@ -99,6 +99,19 @@ def test_added_tokens_are_matched_whole_by_llama_cpp(converted):
     assert not plain, f"{len(plain)} added tokens are plain text to llama.cpp, e.g. {plain[-3:]}"
 
 
+def test_trained_tokens_a_base_lacked_are_control_tokens_of_the_grown_vocabulary(trained_tokens_run, tmp_path,
+                                                                                  llama_cpp):
+    merged = merge(trained_tokens_run, tmp_path / "merged")
+    reader = gguf_reader(convert(merged, tmp_path / "model.gguf", llama_cpp=llama_cpp), llama_cpp)
+    tokenizer, config = AutoTokenizer.from_pretrained(merged), AutoConfig.from_pretrained(merged)
+    ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    tokens, kinds = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == config.vocab_size == max(ids) + 1
+    assert [tokens[i] for i in ids] == ["<|im_start|>", "<|im_end|>"] and {kinds[i] for i in ids} == {CONTROL}
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert list(embedding.shape) == [config.hidden_size, config.vocab_size]
+
+
 def test_chat_template_is_the_merged_one(converted):
     arch, merged, reader = converted
     template = AutoTokenizer.from_pretrained(merged).chat_template

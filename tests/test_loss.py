@@ -7,14 +7,16 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from conftest import ROW, ROW_WITH_INPUT
 from qlora.data import TEMPLATES, encode_segments, row_segments
 from qlora.loss import fusable_head, trained_token_loss
-from qlora.model import add_lora, load_quantized_base, load_tokenizer, resolve_recipe
+from qlora.model import add_lora, add_trained_tokens, load_quantized_base, load_tokenizer, resolve_recipe
+
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
-def batch_for(recipe, padding_free):
-    tokenizer = load_tokenizer(recipe.model)
+def batch_for(recipe, padding_free, tokenizer):
     rows = []
     for row in (ROW, ROW_WITH_INPUT, dict(ROW, output=ROW["output"] * 3)):
-        ids, labels = encode_segments(tokenizer, row_segments(row, recipe.data, TEMPLATES["alpaca"], tokenizer))
+        template = TEMPLATES[recipe.data.template]
+        ids, labels = encode_segments(tokenizer, row_segments(row, recipe.data, template, tokenizer))
         rows.append({"input_ids": ids, "labels": labels})
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(rows)
 
@@ -23,20 +25,30 @@ def adapter_grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("arch", ["gemma", "llama", "phi", "qwen2"])
+@pytest.mark.parametrize("arch, tokens", [
+    ("gemma", []), ("llama", []), ("phi", []), ("qwen2", []),
+    # lora.trained_tokens: a tied head (Gemma), an untied one grown by the new rows (Llama), one whose padded
+    # vocabulary already holds them (Qwen2.5's 152064 rows)
+    ("gemma", CHATML_TOKENS), ("llama", CHATML_TOKENS), ("qwen2", ["<|fim_pad|>", "<|new|>"])])
 @pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
-def test_loss_and_gradients_equal_the_full_logits_loss(make_recipe, arch, padding_free):
-    recipe = resolve_recipe(make_recipe(arch=arch, lora={"dropout": 0.0}))  # compute auto, as users run it
+def test_loss_and_gradients_equal_the_full_logits_loss(make_recipe, arch, tokens, padding_free):
+    template = {"template": "chatml"} if tokens else {}
+    recipe = resolve_recipe(make_recipe(arch=arch, lora={"dropout": 0.0, "trained_tokens": tokens},
+                                        data=template))  # compute auto, as users run it
+    tokenizer = load_tokenizer(recipe.model)
+    add_trained_tokens(tokenizer, tokens)
     torch.manual_seed(0)
-    model = add_lora(load_quantized_base(recipe), recipe)
+    model = add_lora(load_quantized_base(recipe), recipe, tokenizer)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)  # a trained adapter, so every layer's gradient flows through it
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * p.std())  # trained rows, away from the base's
     base = model.get_base_model()
     head = fusable_head(base)
     assert head is not None
-    batch = batch_for(recipe, padding_free)
+    batch = batch_for(recipe, padding_free, tokenizer)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.quantization.compute_dtype == "bfloat16")
 
     with autocast:

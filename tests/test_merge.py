@@ -126,3 +126,49 @@ def test_an_8bit_base_trains_resumes_generates_and_merges_within_the_bar(make_re
     assert report.passed and report.merge_agreement >= MIN_AGREEMENT
     parts = estimate_memory(resolve_recipe(recipe), model_shape(resolve_recipe(recipe)), 512)["parts"]
     assert parts["int8_weights"] == model_shape(resolve_recipe(recipe)).quantized  # one byte per weight
+
+
+def test_trained_tokens_are_new_single_ids_trained_alone_and_merged_into_a_larger_vocabulary(
+        trained_tokens_run, tiny_model, tmp_path):
+    """ChatML on a base that lacks its tokens: each becomes one new id whose rows alone train, the run resumes,
+    generates and merges, and plain transformers loads the grown model and stops at <|im_end|>."""
+    from safetensors import safe_open
+
+    from qlora.check import preflight
+    from qlora.config import load_recipe
+    from qlora.data import build_datasets
+    from qlora.generate import generate, load_run
+
+    run = trained_tokens_run
+    recipe = load_recipe(run / "recipe.yaml")
+    pre = preflight(recipe, overwrite=True)
+    start, end = pre.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    vocab = base.config.vocab_size
+    assert (start, end) == (vocab, vocab + 1)  # new ids after the base's last
+    train_set, _, _ = build_datasets(pre.recipe, pre.rows, pre.eval_rows, pre.tokenizer, pre.template)
+    ids, labels = train_set["input_ids"][0], train_set["labels"][0]
+    assert ids.count(start) == 2 and labels.count(end) == 1  # the reply's <|im_end|> is trained, the user's masked
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [20, 40]
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys() if "lora_" not in k}
+    # the new rows of the embedding and of the (untied) head, never the whole matrices
+    assert len(saved) == 2 and all(r.shape == (2, base.config.hidden_size) for r in saved.values()), list(saved)
+
+    loaded = load_run(run)
+    assert generate(loaded, [(ROW["instruction"], "")], recipe.generation) == [ROW["output"]]
+    del loaded
+    out = merge(run, tmp_path / "merged", dtype="float32")
+    report = verify(run, out)
+    assert report.passed and report.merge_agreement >= MIN_AGREEMENT
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == vocab + 2 and len(tokenizer) == vocab + 2
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        grown, frozen = getattr(model, name)().weight, getattr(base, name)().weight
+        assert torch.equal(grown[:vocab], frozen) and torch.isfinite(grown[vocab:]).all()
+    messages = [{"role": "user", "content": ROW["instruction"]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert prompt == encode_prompt(tokenizer, TEMPLATES["chatml"], ROW["instruction"])
+    new = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=60)[0, len(prompt):].tolist()
+    assert new[-1] == end and tokenizer.decode(new, skip_special_tokens=True) == ROW["output"]

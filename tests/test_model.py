@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from qlora.check import check
 from qlora.errors import UserError
 from qlora.model import (add_lora, check_devices, cpu_has_native_bf16, get_quantization_config,
-                         load_quantized_base, resolve_recipe)
+                         load_quantized_base, load_tokenizer, resolve_recipe)
 from qlora.train import train
 
 
@@ -31,7 +31,7 @@ def test_base_linears_are_nf4_double_quantized(make_recipe):
 
 def test_lora_adapters_are_the_only_trainable_weights_and_stay_float32(make_recipe):
     recipe = make_recipe()
-    model = add_lora(load_quantized_base(recipe), recipe)
+    model = add_lora(load_quantized_base(recipe), recipe, load_tokenizer(recipe.model))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in trainable.values())
@@ -41,7 +41,7 @@ def test_lora_adapters_are_the_only_trainable_weights_and_stay_float32(make_reci
 
 def test_target_modules_list_limits_the_adapters(make_recipe):
     recipe = make_recipe(lora={"target_modules": ["q_proj", "v_proj"], "r": 8})
-    model = add_lora(load_quantized_base(recipe), recipe)
+    model = add_lora(load_quantized_base(recipe), recipe, load_tokenizer(recipe.model))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(names) == 2 * 2 * 2 and all(("q_proj" in n or "v_proj" in n) for n in names)
 

@@ -72,6 +72,7 @@ def model_shape(recipe: Recipe) -> ModelShape:
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             lora += recipe.lora.r * (module.in_features + module.out_features)
     check_module_names(model, recipe, sorted(linear_names))
+    check_trained_tokens(model, recipe)
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", config)
     heads = text.num_attention_heads
@@ -95,6 +96,18 @@ def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
         if missing:
             raise UserError(f"{key}: {', '.join(missing)} matches no layer of {recipe.model.name_or_path}; "
                             f"its {kind} are {', '.join(valid)}")
+
+
+def check_trained_tokens(model, recipe: Recipe) -> None:
+    """peft's trainable tokens compute an LM head without its bias (Phi-2 has one) outside our loss, so generation
+    from the adapter would differ from training: such a head must be trained in full instead."""
+    head, lora = model.get_output_embeddings(), recipe.lora
+    if not lora.trained_tokens or getattr(head, "bias", None) is None:
+        return
+    name = next(n for n, m in model.named_modules() if m is head).rsplit(".", 1)[-1]
+    if name not in lora.modules_to_save:
+        raise UserError(f"lora.trained_tokens: the LM head of {recipe.model.name_or_path} has a bias, which peft's "
+                        f"trainable tokens drop; add {name} to lora.modules_to_save to train the head in full")
 
 
 def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int | None = None,
@@ -233,7 +246,7 @@ class Preflight:
 def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     """Run every check `train` runs before writing anything (UserError on the first failure): the one validation
     path `check` and `train` share. Tokenizing the rows (data.build_datasets) comes after it in both."""
-    from qlora.model import load_tokenizer, resolve_recipe
+    from qlora.model import add_trained_tokens, load_tokenizer, resolve_recipe
 
     from qlora.train import check_extra
 
@@ -243,6 +256,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     rows = load_rows(data)
     eval_rows = load_rows(data, "eval_path") if data.eval_path else None
     tokenizer = load_tokenizer(model)
+    add_trained_tokens(tokenizer, recipe.lora.trained_tokens)
     shape = model_shape(recipe)
     keep = [Path(p) for p in (data.path, data.eval_path) if p and is_local_path(p)]
     keep += [Path(model.name_or_path)] if Path(model.name_or_path).is_dir() else []

@@ -155,7 +155,9 @@ class QLoRATrainer(SFTTrainer):
         distributed.barrier()
         try:
             if main:
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                # lora.trained_tokens' rows are saved as peft's trainable-token deltas; with a grown vocabulary peft
+                # would also save both embedding matrices whole by default (gigabytes for a 150k vocabulary)
+                self.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
                 self._save_optimizer_and_scheduler(tmp)
                 self._save_scaler(tmp)
                 self.state.save_to_json(str(tmp / TRAINER_STATE_JSON))

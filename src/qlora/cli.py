@@ -208,7 +208,7 @@ def generate(
             for i, instruction in enumerate(prompt):
                 typer.echo("\n" if i else "", nl=False)
                 g.generate(loaded, [(instruction, input_)], sampling,
-                           streamer=g.StopAwareStreamer(loaded.tokenizer, sampling.stop))
+                           streamer=g.StopAwareStreamer(loaded, sampling))
                 typer.echo("")
         else:
             texts = g.generate(loaded, [(p, input_) for p in prompt], sampling, batch_size)

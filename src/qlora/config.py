@@ -92,11 +92,27 @@ class LoraSection(_Section):
     modules_to_save: list[str] = Field(
         [], description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]); costs memory."
     )
+    trained_tokens: list[str] = Field(
+        [], description='Tokens whose embedding and LM-head rows are trained and saved with the adapter, e.g. '
+        '["<|im_start|>", "<|im_end|>"] for template chatml on a base that lacks them: each becomes one special token '
+        "(added to the tokenizer, and the embeddings grown to hold it, where missing); the other rows stay frozen."
+    )
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> LoraSection:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError('lora.target_modules is an empty list; name layers or use "all-linear"')
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_distinct(self) -> LoraSection:
+        for i, token in enumerate(self.trained_tokens):
+            if not token.strip() or token != token.strip():
+                raise ValueError(f"lora.trained_tokens[{i}] ({token!r}) is blank or starts or ends with whitespace, "
+                                 "which would swallow the spaces around it in every text; give the bare token, "
+                                 "e.g. <|im_end|>")
+            if token in self.trained_tokens[:i]:
+                raise ValueError(f"lora.trained_tokens lists {token!r} twice; keep one")
         return self
 
 
@@ -268,7 +284,8 @@ class GenerationSection(_Section):
     repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens already present.")
     seed: int | None = Field(None, **SEED_RANGE,
                              description="Seed for sampling (0 to 2^32-1); the same seed gives the same text.")
-    stop: list[str] = Field([], description="Strings that end the output; the text stops before the first one.")
+    stop: list[str] = Field([], description="Strings that end the output; the text stops before the first one. The end of a "
+                           "reply in the template (chatml's <|im_end|>, gemma's <end_of_turn>) always does.")
 
 
 class Recipe(_Section):
@@ -286,6 +303,9 @@ class Recipe(_Section):
             raise ValueError("train.distributed: fsdp shards the 4-bit weights, which FSDP can only do when they are "
                              "stored in a float dtype: set quantization.quant_storage to the compute dtype "
                              "(bfloat16)")
+        if self.train.distributed == "fsdp" and self.lora.trained_tokens:
+            raise ValueError("lora.trained_tokens cannot be trained with train.distributed: fsdp (peft's trainable "
+                             "tokens need FSDP's use_orig_params, which FSDP-QLoRA turns off); use ddp")
         return self
 
 

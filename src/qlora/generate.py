@@ -33,10 +33,9 @@ class LoadedModel:
 
 def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora.model import device_map, inference_dtype, load_quantized_base, load_tokenizer
+    from qlora.model import device_map, inference_dtype, load_adapter, load_quantized_base, load_tokenizer
 
     path = Path(path)
     if (path / RECIPE_FILE).is_file():
@@ -44,8 +43,8 @@ def load_run(path: str | Path) -> LoadedModel:
         adapter = path / ADAPTER_DIR
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"{path}: the run has no finished adapter/ (was training interrupted?)")
-        model = PeftModel.from_pretrained(load_quantized_base(recipe), adapter)
         tokenizer = load_tokenizer(recipe.model, str(adapter))
+        model = load_adapter(load_quantized_base(recipe), adapter, tokenizer)
         template = Template.load(adapter)
     elif (path / "config.json").is_file() and (path / TEMPLATE_FILE).is_file():
         recipe = None
@@ -66,6 +65,13 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
+def stop_strings(loaded: LoadedModel, sampling: GenerationSection) -> list[str]:
+    """The recipe's stop strings and the end of a reply in the run's template (chatml's <|im_end|>, gemma's
+    <end_of_turn>): a reply ends there, not in the newline the template writes after it or in a next turn."""
+    end = loaded.template.reply_end.strip()
+    return [*sampling.stop, end] if end and end not in sampling.stop else list(sampling.stop)
+
+
 class StopAwareStreamer:
     """A generate() streamer that writes new text as it comes, never past a stop string.
 
@@ -73,8 +79,8 @@ class StopAwareStreamer:
     incomplete UTF-8 character, until the next tokens decide.
     """
 
-    def __init__(self, tokenizer, stop: list[str], out: TextIO | None = None):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+    def __init__(self, loaded: LoadedModel, sampling: GenerationSection, out: TextIO | None = None):
+        self.tokenizer, self.stop = loaded.tokenizer, stop_strings(loaded, sampling)
         self.out = out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
@@ -132,6 +138,7 @@ def generate_from_ids(loaded: LoadedModel, prompts: list[list[int]], sampling: G
         torch.manual_seed(sampling.seed)
     if streamer is not None:
         batch_size = 1
+    stop = stop_strings(loaded, sampling)
     texts = []
     for start in range(0, len(prompts), batch_size):
         encoded = prompts[start:start + batch_size]
@@ -152,12 +159,12 @@ def generate_from_ids(loaded: LoadedModel, prompts: list[list[int]], sampling: G
                 repetition_penalty=sampling.repetition_penalty,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
-                stop_strings=list(sampling.stop) or None,
+                stop_strings=stop or None,
                 tokenizer=tok,
                 streamer=streamer,
             )
         for row in out[:, width:]:
-            texts.append(cut_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop))
+            texts.append(cut_at_stop(tok.decode(row, skip_special_tokens=True), stop))
     return texts
 
 
@@ -257,5 +264,5 @@ def chat(loaded: LoadedModel, sampling: GenerationSection, read: Callable[[str],
         if instruction.strip() in {"exit", "quit"}:
             break
         if instruction.strip():
-            generate(loaded, [(instruction, "")], sampling, streamer=StopAwareStreamer(loaded.tokenizer, sampling.stop))
+            generate(loaded, [(instruction, "")], sampling, streamer=StopAwareStreamer(loaded, sampling))
             sys.stdout.write("\n")

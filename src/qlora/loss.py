@@ -20,10 +20,13 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # float32 logits per chunk (128 MiB): Gemma's 256k vocabulary -> 131 tokens at a time
 
 
-def chunk_loss(h, weight, bias, labels, softcap, scale, with_grad: bool):
-    """(summed cross-entropy, gradient w.r.t. `h` or None) of one chunk of hidden states, in float32 logits that are
-    freed on return: at most the logits in float32 and one copy in the weight's dtype exist at any time."""
+def chunk_loss(h, weight, bias, labels, softcap, scale, rows, row_weight, with_grad: bool):
+    """(summed cross-entropy, gradient w.r.t. `h` or None, gradient w.r.t. `row_weight` or None) of one chunk of
+    hidden states, in float32 logits that are freed on return: at most the logits in float32 and one copy in the
+    weight's dtype exist at any time. `row_weight` (len(rows) x d, trained) stands in for `weight`'s `rows`."""
     logits = (h @ weight.T).float()
+    if rows is not None:
+        logits[:, rows] = (h @ row_weight.to(h.dtype).T).float()
     if bias is not None:
         logits += bias
     if scale != 1.0:
@@ -38,40 +41,51 @@ def chunk_loss(h, weight, bias, labels, softcap, scale, with_grad: bool):
     sums = logits.sub_(top[:, None]).exp_().sum(dim=-1)
     loss = (top + sums.log() - target).sum()
     if not with_grad:
-        return loss, None
+        return loss, None, None
     grad = logits.div_(sums[:, None])
     grad[torch.arange(len(labels), device=labels.device), labels] -= 1
     if softcap:
         grad *= capped.square_().neg_().add_(1)
     if scale != 1.0:
         grad *= scale
-    return loss, grad.to(weight.dtype) @ weight
+    grad_h = grad.to(weight.dtype) @ weight
+    if rows is None:
+        return loss, grad_h, None
+    grad_rows = grad[:, rows]
+    grad_h += (grad_rows @ (row_weight.float() - weight[rows].float())).to(grad_h.dtype)
+    return loss, grad_h, grad_rows.T @ h.float()
 
 
 class TrainedTokenCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `labels` given `hidden` (n x d) and the head `weight` (vocab x d, frozen), with the
-    gradient w.r.t. `hidden` computed chunk by chunk in the forward pass."""
+    """Summed cross-entropy of `labels` given `hidden` (n x d) and the head `weight` (vocab x d, frozen) whose `rows`
+    are `row_weight` (trained, or None), with the gradients computed chunk by chunk in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, softcap, scale):
+    def forward(ctx, hidden, weight, bias, labels, softcap, scale, rows, row_weight):
         n, vocab = hidden.shape[0], weight.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_rows = torch.zeros_like(row_weight, dtype=torch.float32) if ctx.needs_input_grad[7] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):  # in the head weight's dtype, as autocast runs it
             for start in range(0, n, chunk):
-                loss, grad = chunk_loss(hidden[start:start + chunk].to(weight.dtype), weight, bias,
-                                        labels[start:start + chunk], softcap, scale, grad_hidden is not None)
+                loss, grad, grad_row = chunk_loss(
+                    hidden[start:start + chunk].to(weight.dtype), weight, bias, labels[start:start + chunk],
+                    softcap, scale, rows, row_weight, grad_hidden is not None or grad_rows is not None)
                 total += loss
-                if grad is not None:
+                if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = grad
-        ctx.save_for_backward(grad_hidden)
+                if grad_rows is not None:
+                    grad_rows += grad_row
+        ctx.save_for_backward(grad_hidden, grad_rows)
+        ctx.row_dtype = None if row_weight is None else row_weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+        grad_hidden, grad_rows = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None,
+                None, None, None, None if grad_rows is None else (grad_rows * grad_total).to(ctx.row_dtype))
 
 
 def head_scaling(config) -> tuple[float | None, float]:
@@ -81,18 +95,38 @@ def head_scaling(config) -> tuple[float | None, float]:
     return getattr(text, "final_logit_softcapping", None), float(scale)
 
 
-def fusable_head(model) -> torch.nn.Linear | None:
-    """The LM head when it is a plain frozen linear layer (the usual QLoRA case), else None: a head with LoRA or
-    trained in full (lora.modules_to_save) needs the model's own forward."""
+def fusable_head(model) -> torch.nn.Module | None:
+    """The LM head when it is a frozen plain linear layer (the usual QLoRA case), or one whose lora.trained_tokens
+    rows peft trains (a TrainableTokensWrapper around it), else None: a head with LoRA or trained in full
+    (lora.modules_to_save) needs the model's own forward."""
+    from peft.utils.other import TrainableTokensWrapper
+
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.weight.requires_grad:
+    layer = head.token_adapter.base_layer if isinstance(head, TrainableTokensWrapper) else head
+    if type(layer) is not torch.nn.Linear or layer.weight.requires_grad:
         return None
-    if head.bias is not None and head.bias.requires_grad:
+    if layer.bias is not None and layer.bias.requires_grad:
         return None
     return head
 
 
-def trained_token_loss(base_model, head: torch.nn.Linear, inputs: dict):
+def head_parts(head: torch.nn.Module) -> tuple:
+    """(frozen weight, bias, trained row ids or None, their trained weights or None) of a fusable head. peft's
+    trainable tokens replace the rows of their ids by their own weights (the tied head's are the embedding's)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    if not isinstance(head, TrainableTokensWrapper):
+        return head.weight, head.bias, None, None
+    adapter = head.token_adapter
+    layer = adapter.base_layer
+    if adapter.disable_adapters or adapter.merged:  # the base's own rows (disable_adapter(), or folded in)
+        return layer.weight, layer.bias, None, None
+    (name,) = adapter.active_adapters
+    rows = torch.tensor(adapter.token_indices[name], device=layer.weight.device)
+    return layer.weight, layer.bias, rows, adapter.trainable_tokens_delta[name]
+
+
+def trained_token_loss(base_model, head: torch.nn.Module, inputs: dict):
     """(summed loss, trained tokens) of a batch through `base_model` (the transformers
     model under peft) and its fusable `head`, scoring only positions whose next token is trained. `inputs` holds
     `labels` (-100 where not trained) and the backbone's inputs (input_ids, position_ids or attention_mask)."""
@@ -102,7 +136,8 @@ def trained_token_loss(base_model, head: torch.nn.Linear, inputs: dict):
     hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1]
     mask = labels != IGNORE_INDEX
     softcap, scale = head_scaling(base_model.config)
-    total = TrainedTokenCrossEntropy.apply(hidden[mask], head.weight, head.bias, labels[mask], softcap, scale)
+    weight, bias, rows, row_weight = head_parts(head)
+    total = TrainedTokenCrossEntropy.apply(hidden[mask], weight, bias, labels[mask], softcap, scale, rows, row_weight)
     return total, mask.sum()
 
 

@@ -96,11 +96,9 @@ def dequantized_base(recipe):
     return load_quantized_base(recipe).dequantize(dtype=compute_torch_dtype(recipe.quantization))
 
 
-def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):
+def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str, tokenizer):
     """The base with the run's adapter folded in, as a plain (unquantized) transformers model."""
-    from peft import PeftModel
-
-    from qlora.model import load_full_precision_base, torch_dtype
+    from qlora.model import load_adapter, load_full_precision_base, torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
     if base == "dequantized" and recipe.quantization.quantized:
@@ -108,13 +106,24 @@ def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str):
     else:
         model = load_full_precision_base(recipe, torch_dtype(dtype))
     console.print("folding in the adapter")
-    merged = PeftModel.from_pretrained(model, run / ADAPTER_DIR).merge_and_unload()
+    merged = load_adapter(model, run / ADAPTER_DIR, tokenizer).merge_and_unload()
     merged = merged.to(torch_dtype(dtype))
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(merged.config, key):
             delattr(merged.config, key)
     merged.config.use_cache = True
     return merged
+
+
+def stop_token_ids(template: Template, tokenizer) -> int | list[int]:
+    """generation_config's eos_token_id: EOS, and the template's end of a reply where that is one special token
+    (chatml's <|im_end|>, gemma's <end_of_turn>), so that plain transformers stops at the end of a reply too."""
+    end = template.reply_end.strip()
+    ids = tokenizer.encode(end, add_special_tokens=False) if end else []
+    # one token that decoding drops: a special token, never text the reply could contain
+    if len(ids) == 1 and not tokenizer.decode(ids, skip_special_tokens=True) and ids[0] != tokenizer.eos_token_id:
+        return [tokenizer.eos_token_id, ids[0]]
+    return tokenizer.eos_token_id
 
 
 def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized", dtype: str | None = None,
@@ -134,15 +143,15 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dtype = dtype or resolve_compute_dtype(recipe.quantization.compute_dtype)
-        model = load_merged_model(run, recipe, base, dtype)
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
+        model = load_merged_model(run, recipe, base, dtype, tokenizer)
         template = Template.load(run / ADAPTER_DIR)
         if template.name != "tokenizer":  # else the tokenizer's own chat template, as trained, is kept
             tokenizer.chat_template = chat_template(template, adds_bos(tokenizer))
 
         g = recipe.generation
         model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(template, tokenizer),
             pad_token_id=tokenizer.pad_token_id, max_new_tokens=g.max_new_tokens, do_sample=g.temperature > 0,
             **({"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.temperature > 0 else {}),
             num_beams=g.num_beams, repetition_penalty=g.repetition_penalty,
@@ -227,12 +236,12 @@ def _compare(ref, got) -> tuple[float, float, float, int]:
     return (ref - got).abs().max().item(), kl.item(), agreement, ref.shape[0]
 
 
-def _free(model) -> None:
+def _free() -> None:
+    """Hand back the memory of the models the caller has just deleted."""
     import gc
 
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -249,10 +258,9 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
     a time and only logits kept, so verifying needs no more memory than merging.
     """
     import torch
-    from peft import PeftModel
 
     from qlora.generate import load_run
-    from qlora.model import inference_dtype, load_full_precision_base
+    from qlora.model import inference_dtype, load_adapter, load_full_precision_base
 
     reference = load_run(run)
     sequences, start = [], []
@@ -264,12 +272,14 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
                 max_new_tokens=new_tokens, do_sample=False, pad_token_id=reference.tokenizer.pad_token_id).cpu())
         start.append(len(ids) - 1)  # the logits that predict the continuation
     trained = _logits(reference.model, sequences, start)
-    recipe = reference.recipe
-    _free(reference)
+    recipe, tokenizer = reference.recipe, reference.tokenizer
+    del reference
+    _free()
 
     merged_model = load_run(merged_dir).model
     merged = _logits(merged_model, sequences, start)
-    _free(merged_model)
+    del merged_model
+    _free()
 
     counterpart = trained
     # an original merge's counterpart is the full-precision base + adapter; LLM.int8 also rounds the activations
@@ -281,8 +291,9 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
         else:
             unquantized = dequantized_base(recipe)
             unquantized = unquantized if dtype == "auto" else unquantized.to(dtype)
-        unmerged = PeftModel.from_pretrained(unquantized, Path(run) / ADAPTER_DIR)
+        unmerged = load_adapter(unquantized, Path(run) / ADAPTER_DIR, tokenizer)
         counterpart = _logits(unmerged, sequences, start)
-        _free(unmerged)
+        del unmerged, unquantized
+        _free()
     return VerifyReport(*_compare(trained, merged), merge_agreement=_compare(counterpart, merged)[2],
                         required=min_agreement)

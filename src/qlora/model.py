@@ -213,7 +213,7 @@ def get_quantization_config(q: QuantizationSection):
     )
 
 
-def get_lora_config(lora: LoraSection):
+def get_lora_config(lora: LoraSection, trainable_token_indices: dict[str, list[int]] | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -225,6 +225,7 @@ def get_lora_config(lora: LoraSection):
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         modules_to_save=list(lora.modules_to_save) or None,
+        trainable_token_indices=trainable_token_indices,
         task_type="CAUSAL_LM",
     )
 
@@ -262,6 +263,44 @@ def load_tokenizer(model: ModelSection, source: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def add_trained_tokens(tokenizer, tokens: list[str]) -> None:
+    """Make each of lora.trained_tokens one special token of `tokenizer`, matched verbatim anywhere in the text and
+    never split, adding those it lacks (they take the ids after its last one)."""
+    from transformers import AddedToken
+
+    if tokens:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+
+
+def fit_vocabulary(model, tokenizer) -> None:
+    """Grow the embeddings (and an untied LM head) to hold every token of `tokenizer`, when lora.trained_tokens
+    added some beyond them; the new rows start at the mean of the old ones and training replaces them."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def trainable_token_indices(model, lora: LoraSection, tokenizer) -> dict[str, list[int]] | None:
+    """peft's trainable_token_indices for lora.trained_tokens: their rows of the input embedding and of the LM head
+    (peft keeps one copy when the two are tied), except in a module lora.modules_to_save trains in full."""
+    if not lora.trained_tokens:
+        return None
+    ids = tokenizer.convert_tokens_to_ids(lora.trained_tokens)
+    indices = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        if name is not None and name.rsplit(".", 1)[-1] not in lora.modules_to_save:
+            indices[name] = ids
+    return indices or None
+
+
+def load_adapter(model, adapter: Path, tokenizer):
+    """`model` with a run's adapter, its embeddings first grown to the run's tokenizer (lora.trained_tokens)."""
+    from peft import PeftModel
+
+    fit_vocabulary(model, tokenizer)
+    return PeftModel.from_pretrained(model, adapter)
 
 
 def save_tokenizer(tokenizer, model: ModelSection, directory: Path) -> None:
@@ -356,8 +395,9 @@ def load_full_precision_base(recipe: Recipe, dtype):
                         f"(revision {recipe.model.revision}): {exc}") from None
 
 
-def add_lora(model, recipe: Recipe):
-    """Prepare the (quantized) base for training and wrap it with trainable LoRA adapters.
+def add_lora(model, recipe: Recipe, tokenizer):
+    """Prepare the (quantized) base for training and wrap it with trainable LoRA adapters (and the rows of
+    lora.trained_tokens, the embeddings grown to `tokenizer` first).
 
     Adapter weights are kept in float32 whatever the compute dtype (bf16 is for the matmuls only):
     a bf16 adapter is cast differently by a fresh run and a resumed one, so they would diverge.
@@ -369,11 +409,13 @@ def add_lora(model, recipe: Recipe):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    fit_vocabulary(model, tokenizer)
+    lora_config = get_lora_config(recipe.lora, trainable_token_indices(model, recipe.lora, tokenizer))
     if sharded(recipe):
         # FSDP needs one dtype per unit, so no float32 upcast (TRL skips it for sharded QLoRA too); the trainer
         # turns gradient checkpointing on
         model.enable_input_require_grads()
-        return get_peft_model(model, get_lora_config(recipe.lora))
+        return get_peft_model(model, lora_config)
     if recipe.quantization.quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -391,7 +433,7 @@ def add_lora(model, recipe: Recipe):
     elif recipe.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, get_lora_config(recipe.lora))
+    peft_model = get_peft_model(model, lora_config)
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.to(torch.float32)

@@ -377,7 +377,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         width = f"4-bit {q.quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "full precision"
         console.print(f"loading {recipe.model.name_or_path} ({width})")
         set_seed(t.seed)  # the adapter's initial weights too, so a run can be repeated exactly
-        model = add_lora(load_quantized_base(recipe), recipe)
+        model = add_lora(load_quantized_base(recipe), recipe, pre.tokenizer)
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
