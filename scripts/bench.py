@@ -66,6 +66,9 @@ def parse_args():
                         "falls back to our sample data when absent)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--trained-tokens", type=int, default=0,
+                   help="qlora trains this many added special tokens' rows too (lora.trained_tokens)")
     p.add_argument("--steps", type=int, default=10, help="steps per variant, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     p.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's fresh memory process")
@@ -122,12 +125,16 @@ def save_random_model(shape: str, workdir: Path, layers: int | None = None) -> P
 
 
 def recipe_for(model_dir: Path, args, **train):
-    """qlora's defaults for the model, as `qlora train` resolves them on this machine (paged 8-bit AdamW)."""
+    """qlora's defaults for the model, as `qlora train` resolves them on this machine, with what users run on a
+    GPU: paged 8-bit AdamW and --compute-dtype (bf16 by default; auto would pick float32 on a CPU without
+    AVX512-BF16, where emulated bf16 is slow)."""
     from qlora.config import validate_recipe
     from qlora.model import resolve_recipe
 
     return resolve_recipe(validate_recipe({
         "model": {"name_or_path": str(model_dir)},
+        "quantization": {"compute_dtype": args.compute_dtype},
+        "lora": {"trained_tokens": [f"<|bench_{i}|>" for i in range(args.trained_tokens)]},
         "data": {"path": "bench.json", "max_length": args.max_length},
         "train": {"output_dir": "bench", "batch_size": args.batch_size, "grad_accum": 1,
                   "optimizer": "paged_adamw_8bit", **train},
@@ -218,7 +225,9 @@ def estimate_vs_measured(recipe, shape, measured: dict) -> dict:
         **{k: (parts[k], measured[k]) for k in weights},
         "lora_weights_grads_optimizer": (parts["lora_weights_grads_optimizer"], measured["lora_weights"]
                                          + measured["lora_gradients"] + measured["lora_optimizer_state"]),
-        "activations": (parts["activations"], measured["activations"]),
+        # the whole embedding's gradient of lora.trained_tokens comes at the end of backward, among the activations
+        "activations": (parts["activations"] + parts.get("trained_token_embedding_gradient", 0),
+                        measured["activations"]),
         "lm_head_chunk": (parts["lm_head_chunk"], measured["lm_head_loss"]),
     }
     return {"tokens": measured["step_tokens"], "trained_tokens": measured["step_trained_tokens"],

@@ -1,5 +1,6 @@
 """qlora check: the pre-flight report, its exit codes, and the memory estimate's arithmetic."""
 
+import io
 import json
 import re
 import subprocess
@@ -78,6 +79,13 @@ def test_memory_estimate_arithmetic_on_the_real_gemma_2b_shape(tmp_path):
     # float16 keeps peft's float32 upcast (fp16's range); the residual stream is float32 either way (the norms)
     fp16 = estimate_memory(validate_recipe({**raw, "quantization": {"compute_dtype": "float16"}}, "r"), shape, 4 * 1024)
     assert fp16["parts"]["unquantized_weights"] == shape.other * 4
+    # trained tokens: peft builds the whole input embedding's gradient (float32), unless the embedding trains whole
+    assert "trained_token_embedding_gradient" not in parts
+    tokens = {"trained_tokens": ["<|im_start|>"]}
+    rows = estimate_memory(validate_recipe({**raw, "lora": tokens}, "r"), shape, 4 * 1024)["parts"]
+    assert rows["trained_token_embedding_gradient"] == 256000 * 2048 * 4
+    whole = validate_recipe({**raw, "lora": {**tokens, "modules_to_save": ["embed_tokens"]}}, "r")
+    assert "trained_token_embedding_gradient" not in estimate_memory(whole, shape, 4 * 1024)["parts"]
     assert fp16["activations_with_checkpointing"] == m["activations_with_checkpointing"]
     # the checkpointed layer inputs, one layer's saved tensors, the largest weight dequantized (16384 x 2048)
     per_layer = 4 * 1024 * (22 * 16384 + 48 * 2048 + 4 * 256)
@@ -142,3 +150,20 @@ def test_check_prints_the_memory_of_each_gpu_for_several(tmp_path, tiny_model):
     result = run_check(write_recipe(tmp_path, tiny_model, data), "--nproc-per-node", "4", "--nnodes", "2")
     assert result.returncode == 0, result.stderr
     assert re.search(r"peak GPU memory estimate: [\d.]+ GiB per GPU, 8 GPUs with ddp", result.stdout)
+
+
+def test_check_names_the_trained_tokens_ids_and_the_grown_embeddings(make_recipe):
+    from rich.console import Console
+
+    from qlora.check import print_report
+
+    recipe = make_recipe(arch="llama", data={"template": "chatml"},
+                         lora={"trained_tokens": ["<|im_start|>", "<|im_end|>"]})
+    report = check(recipe)
+    assert report.trained_token_ids == {"<|im_start|>": 1024, "<|im_end|>": 1025} and report.vocabulary == 1024
+    out = io.StringIO()
+    print_report(report, recipe, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "lora.trained_tokens: <|im_start|> id 1024, <|im_end|> id 1025; the embeddings grow from 1,024 to 1,026 rows" \
+        in text
+    assert "trained_token_embedding_gradient" in text

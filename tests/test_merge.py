@@ -94,7 +94,7 @@ def test_overwrite_replaces_only_a_model_merge_wrote_never_the_run(memorised_run
         with pytest.raises(UserError, match=reason):
             merge(memorised_run, output, overwrite=True)
     assert snapshot(memorised_run.parent) == before
-    out = merge(memorised_run, tmp_path / "merged")
+    out = merge(memorised_run, tmp_path / "merged", dtype="bfloat16")
     first = (out / "model.safetensors").read_bytes()
     (out / "stale.txt").write_text("from an earlier merge")
     assert merge(memorised_run, out, dtype="float32", overwrite=True) == out

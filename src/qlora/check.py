@@ -35,6 +35,7 @@ class ModelShape:
     quantized: int  # weights of the linear layers bitsandbytes quantizes (all but the output head)
     other: int  # embeddings, norms, an untied output head
     embeddings: int  # of `other`: the input embedding and an untied output head
+    embedding_name: str  # the input embedding's module name, last part (embed_tokens)
     lora: int  # trainable adapter parameters for the recipe's lora section
     hidden: int
     intermediate: int
@@ -77,7 +78,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
     text = getattr(config, "text_config", config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelShape(quantized=quantized, other=total - quantized, embeddings=embeddings, lora=lora,
+    embedding_name = next(n for n, m in model.named_modules() if m is embedding).rsplit(".", 1)[-1]
+    return ModelShape(quantized=quantized, other=total - quantized, embeddings=embeddings,
+                      embedding_name=embedding_name, lora=lora,
                       hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                       layers=text.num_hidden_layers, vocab=text.vocab_size,
@@ -152,7 +155,12 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     # place), plus the gathered hidden states of the trained positions and their gradient; never tokens x vocab
     trained = tokens if trained is None else trained
     chunk = min(trained, max(1, CHUNK_ELEMENTS // shape.vocab))
-    head = chunk * shape.vocab * (compute + 4) + 2 * trained * h * stream
+    logit_bytes = compute + 4 if compute < 4 else 4  # float32 logits are their own float32 copy
+    head = chunk * shape.vocab * logit_bytes + 2 * trained * h * stream
+    # lora.trained_tokens on the input embedding: peft's trainable tokens build the whole embedding's gradient
+    # (Gemma-2B's 256k x 2048 with float32 compute: +1.7 GiB in backward, scripts/bench.py --trained-tokens); 4 bytes
+    # per element is measured for float32 only, an upper bound for bf16
+    embedding_rows = bool(recipe.lora.trained_tokens) and shape.embedding_name not in recipe.lora.modules_to_save
     share = processes if t.distributed == "fsdp" else 1
     parts = {
         "nf4_weights" if q.load_in_4bit else "int8_weights" if q.load_in_8bit else "base_weights": weights / share,
@@ -162,6 +170,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
         "activations": with_ckpt if t.gradient_checkpointing else without_ckpt,
         "lm_head_chunk": head,
     }
+    if embedding_rows:
+        parts["trained_token_embedding_gradient"] = shape.vocab * h * 4
     return {
         "parts": parts,
         "total": sum(parts.values()),
@@ -198,6 +208,8 @@ class CheckReport:
     packing_efficiency: float = 0.0
     trainable_parameters: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
+    trained_token_ids: dict[str, int] = field(default_factory=dict)  # lora.trained_tokens -> id
+    vocabulary: int = 0  # rows of the base's embedding
     examples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) spans
 
     def to_json(self) -> dict[str, Any]:
@@ -304,6 +316,9 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         trainable_parameters=shape.lora,
         memory=estimate_memory(recipe, shape, recipe.train.batch_size * ordered[-1],
                                recipe.train.batch_size * report.most_trained, processes),
+        trained_token_ids=dict(zip(recipe.lora.trained_tokens,
+                                   tokenizer.convert_tokens_to_ids(recipe.lora.trained_tokens))),
+        vocabulary=shape.vocab,
         examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
     )
 
@@ -331,6 +346,12 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
                   f"{report.packing_efficiency:.1%}")
     console.print(f"trainable parameters: {report.trainable_parameters:,} (LoRA r={recipe.lora.r} on "
                   f"{recipe.lora.target_modules})")
+    tokens = report.trained_token_ids
+    if tokens:
+        rows = max(report.vocabulary, max(tokens.values()) + 1)
+        grown = f"; the embeddings grow from {report.vocabulary:,} to {rows:,} rows" if rows > report.vocabulary else ""
+        console.print("lora.trained_tokens: " + ", ".join(f"{escape(t)} id {i}" for t, i in tokens.items()) + grown,
+                      highlight=False)
     m = report.memory
     gpus = (f" per GPU, {m['processes']} GPUs with {recipe.train.distributed}" if m["processes"] > 1 else "")
     console.print(f"[bold]peak GPU memory estimate: {m['total'] / GB:.2f} GiB{gpus}[/] (micro-batch of "

@@ -17,7 +17,7 @@ from qlora.check import Preflight, preflight
 from qlora.collate import PackedCollator
 from qlora.config import Recipe, dump_recipe
 from qlora.data import build_datasets
-from qlora.errors import RunFailed, RunInterrupted, UserError
+from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
 from qlora.files import publish_dir, tmp_sibling, write_atomic
 from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE, RECIPE_FILE,
@@ -281,15 +281,19 @@ def sft_config(recipe: Recipe, run: Path):
 
 
 def check_extra(recipe: Recipe) -> None:
-    """train.extra may name only SFTConfig fields that no recipe key sets."""
+    """train.extra may name only SFTConfig fields that no recipe key sets, each with a value of the field's type
+    that SFTConfig's own checks accept."""
     import dataclasses
     import difflib
+    import typing
 
+    from pydantic import TypeAdapter, ValidationError
     from trl import SFTConfig
 
     fields = sorted(f.name for f in dataclasses.fields(SFTConfig))
+    types = typing.get_type_hints(SFTConfig)
     owned = set(sft_arguments(recipe, Path("run"))) | {"fsdp", "fsdp_config"}
-    for key in recipe.train.extra:
+    for key, value in recipe.train.extra.items():
         if key in owned:
             raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use the recipe's own key "
                             "(README, Recipe reference)")
@@ -297,6 +301,18 @@ def check_extra(recipe: Recipe) -> None:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean {close[0]}?" if close else "see transformers' TrainingArguments and TRL's SFTConfig"
             raise UserError(f"train.extra.{key} is not an SFTConfig field; {hint}")
+        # typed first: SFTConfig itself takes any value, and some wrongly (a number for a path is opened as a file
+        # descriptor)
+        try:
+            TypeAdapter(types[key]).validate_python(value, strict=True)
+        except ValidationError:
+            raise UserError(f"train.extra.{key}: {value!r} is not of SFTConfig's type for it, "
+                            f"{getattr(types[key], '__name__', types[key])}") from None
+    if recipe.train.extra:
+        try:
+            sft_config(recipe, Path(recipe.train.output_dir))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"train.extra: SFTConfig refuses {recipe.train.extra}: {one_line(exc)}") from None
 
 
 def fsdp_arguments(recipe: Recipe) -> dict:
