@@ -25,16 +25,17 @@ def adapter_grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("arch, tokens", [
-    ("gemma", []), ("llama", []), ("phi", []), ("qwen2", []),
+@pytest.mark.parametrize("arch, tokens, dtype", [
+    ("gemma", [], "auto"), ("llama", [], "auto"), ("phi", [], "auto"), ("qwen2", [], "auto"),
     # lora.trained_tokens: a tied head (Gemma), an untied one grown by the new rows (Llama), one whose padded
-    # vocabulary already holds them (Qwen2.5's 152064 rows)
-    ("gemma", CHATML_TOKENS), ("llama", CHATML_TOKENS), ("qwen2", ["<|fim_pad|>", "<|new|>"])])
+    # vocabulary already holds them (Qwen2.5's 152064 rows); and in bf16 where auto picks float32 (no AVX512-BF16)
+    ("gemma", CHATML_TOKENS, "auto"), ("llama", CHATML_TOKENS, "auto"), ("qwen2", ["<|fim_pad|>", "<|new|>"], "auto"),
+    ("gemma", CHATML_TOKENS, "bfloat16"), ("llama", CHATML_TOKENS, "bfloat16")])
 @pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
-def test_loss_and_gradients_equal_the_full_logits_loss(make_recipe, arch, tokens, padding_free):
+def test_loss_and_gradients_equal_the_full_logits_loss(make_recipe, arch, tokens, dtype, padding_free):
     template = {"template": "chatml"} if tokens else {}
     recipe = resolve_recipe(make_recipe(arch=arch, lora={"dropout": 0.0, "trained_tokens": tokens},
-                                        data=template))  # compute auto, as users run it
+                                        data=template, quantization={"compute_dtype": dtype}))
     tokenizer = load_tokenizer(recipe.model)
     add_trained_tokens(tokenizer, tokens)
     torch.manual_seed(0)
