@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROW, snapshot
+from conftest import BF16, ROW, snapshot
 from qlora.data import TEMPLATES, encode_prompt
 from qlora.errors import UserError
 from qlora.merge import MIN_AGREEMENT, merge, verify
@@ -53,7 +53,19 @@ def test_both_bases_merge_and_verify_above_their_bar(memorised_run, tmp_path, ba
     assert report.passed and report.required == MIN_AGREEMENT and report.positions > 50
     if base == "dequantized":
         # bf16 rounding of W + BA against the 4-bit kernel's bf16 matmul: KL ~1e-3 (measured 1.2e-3)
-        assert report.merge_agreement == report.top1_agreement and report.mean_kl < 5e-3
+        assert report.mean_kl < 5e-3
+
+
+def test_verify_judges_a_bf16_run_by_its_merge_not_by_bf16_arithmetic(make_recipe, tmp_path):
+    """On a CPU the merged model computes in float32 while the 4-bit kernel computed in bf16. On the Llama twin
+    (chaotic: a gain of ~5 per layer) that alone moves the top-1 of ~6% of positions, so verify used to fail every
+    bf16 run there, even one merged to float32, which is exact; its counterpart now computes as the merge does."""
+    from qlora.train import train
+
+    run = train(make_recipe(arch="llama", quantization=BF16,
+                            train={"max_steps": 2, "batch_size": 1, "save_steps": 1000, "learning_rate": 3e-3}))
+    report = verify(run, merge(run, tmp_path / "merged", dtype="float32"))
+    assert report.passed and report.merge_agreement >= 0.99, report.summary()
 
 
 def test_verify_catches_a_merge_that_lost_the_adapter(memorised_run, tiny_model, tmp_path):

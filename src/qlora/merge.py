@@ -96,15 +96,22 @@ def dequantized_base(recipe):
     return load_quantized_base(recipe).dequantize(dtype=compute_torch_dtype(recipe.quantization))
 
 
+def unmerged_base(recipe, base: BaseMode, dtype):
+    """The plain model an adapter folds into, in `dtype`: the dequantized base (its compute-dtype weights, cast
+    before merging so that W + BA is rounded once, to the dtype written) or the original one."""
+    from qlora.model import load_full_precision_base
+
+    if base == "dequantized" and recipe.quantization.quantized:
+        return dequantized_base(recipe).to(dtype)
+    return load_full_precision_base(recipe, dtype)
+
+
 def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str, tokenizer):
     """The base with the run's adapter folded in, as a plain (unquantized) transformers model."""
-    from qlora.model import load_adapter, load_full_precision_base, torch_dtype
+    from qlora.model import load_adapter, torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
-    if base == "dequantized" and recipe.quantization.quantized:
-        model = dequantized_base(recipe)
-    else:
-        model = load_full_precision_base(recipe, torch_dtype(dtype))
+    model = unmerged_base(recipe, base, torch_dtype(dtype))
     console.print("folding in the adapter")
     merged = load_adapter(model, run / ADAPTER_DIR, tokenizer).merge_and_unload()
     merged = merged.to(torch_dtype(dtype))
@@ -251,16 +258,17 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
            new_tokens: int = 16, min_agreement: float = MIN_AGREEMENT) -> VerifyReport:
     """Compare the merged model with the quantized base + adapter on held-out prompts and their continuations.
 
-    The pass/fail bar compares the merge with its exact unmerged counterpart: the 4-bit base + adapter
-    for a dequantized merge (the dequantized 8-bit base + adapter for an 8-bit run), the full-precision base +
-    adapter for an original one (whose distance to the quantized model is the quantization error, reported but
-    not a fault of the merge). Models are loaded one at
-    a time and only logits kept, so verifying needs no more memory than merging.
+    The pass/fail bar compares the merge with its exact unmerged counterpart, computed in the dtype the merged
+    model loads in (float32 on CPU, as saved on CUDA): the dequantized 4- or 8-bit base + adapter for a
+    dequantized merge, the full-precision base + adapter for an original one. So it sees only what merging did
+    (rounding W + BA to the saved dtype), not the 4-bit kernel's bf16 arithmetic, nor LLM.int8's 8-bit activations,
+    nor an original merge's distance to the quantized model, which are reported but are no fault of the merge.
+    Models are loaded one at a time and only logits kept, so verifying needs no more memory than merging.
     """
     import torch
 
     from qlora.generate import load_run
-    from qlora.model import inference_dtype, load_adapter, load_full_precision_base
+    from qlora.model import load_adapter
 
     reference = load_run(run)
     sequences, start = [], []
@@ -277,23 +285,13 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
     _free()
 
     merged_model = load_run(merged_dir).model
-    merged = _logits(merged_model, sequences, start)
+    merged, dtype = _logits(merged_model, sequences, start), merged_model.dtype
     del merged_model
     _free()
 
-    counterpart = trained
-    # an original merge's counterpart is the full-precision base + adapter; LLM.int8 also rounds the activations
-    # to 8 bits, which no merged model does, so an 8-bit dequantized merge's is the dequantized base + adapter
-    if base == "original" or recipe.quantization.load_in_8bit:
-        dtype = inference_dtype()  # computing as the merged model is loaded: float32 on CPU, as saved on CUDA
-        if base == "original":
-            unquantized = load_full_precision_base(recipe, dtype)
-        else:
-            unquantized = dequantized_base(recipe)
-            unquantized = unquantized if dtype == "auto" else unquantized.to(dtype)
-        unmerged = load_adapter(unquantized, Path(run) / ADAPTER_DIR, tokenizer)
-        counterpart = _logits(unmerged, sequences, start)
-        del unmerged, unquantized
-        _free()
+    unmerged = load_adapter(unmerged_base(recipe, base, dtype), Path(run) / ADAPTER_DIR, tokenizer)
+    counterpart = _logits(unmerged, sequences, start)
+    del unmerged
+    _free()
     return VerifyReport(*_compare(trained, merged), merge_agreement=_compare(counterpart, merged)[2],
                         required=min_agreement)
