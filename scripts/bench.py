@@ -55,6 +55,7 @@ SHAPES = {
     "tiny": None,  # qlora.tiny's Gemma: runs on CPU in seconds; claims no speed
 }
 VARIANTS = ("baseline", "qlora")
+MALLOC_MMAP_THRESHOLD = 65536  # bytes: a freed block at least this large goes back to the system at once
 
 
 def parse_args():
@@ -263,7 +264,8 @@ def measure_memory(model_dir: Path, batches, args) -> dict:
         step(batch)
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
     memory = {"memory_kind": "cuda_allocated" if cuda else "cpu_rss", "loaded_bytes": loaded, "peak_bytes": peak,
-              "peak_increase_in_steps_bytes": peak - loaded}
+              "peak_increase_in_steps_bytes": peak - loaded,
+              "malloc_mmap_threshold": int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)) or None}
     if args.memory_of == "qlora":
         grads = {}
         optimizer.register_step_pre_hook(lambda *_: grads.update(
@@ -361,7 +363,11 @@ def memory_in_fresh_process(name: str, script: str = __file__) -> dict:
     argv = sys.argv[1:]
     if "--out" in argv:
         del argv[argv.index("--out"):argv.index("--out") + 2]
-    result = subprocess.run([sys.executable, script, *argv, "--memory-of", name], capture_output=True, text=True)
+    # glibc otherwise keeps freed blocks of up to 32 MiB in its heap once a larger one has been freed (its dynamic
+    # mmap threshold), and the peak RSS then counts gigabytes no tensor holds: measured on SmolLM2 in float32
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
+    result = subprocess.run([sys.executable, script, *argv, "--memory-of", name], capture_output=True, text=True,
+                            env=env)
     if result.returncode:
         sys.exit(f"the memory process of {name} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
