@@ -363,8 +363,8 @@ def memory_in_fresh_process(name: str, script: str = __file__) -> dict:
     argv = sys.argv[1:]
     if "--out" in argv:
         del argv[argv.index("--out"):argv.index("--out") + 2]
-    # glibc otherwise keeps freed blocks of up to 32 MiB in its heap once a larger one has been freed (its dynamic
-    # mmap threshold), and the peak RSS then counts gigabytes no tensor holds: measured on SmolLM2 in float32
+    # by default, once a block glibc mapped is freed, it serves later blocks up to that size (at most 32 MiB) from a
+    # heap that keeps them when freed, and the peak RSS counts gigabytes no tensor holds (SmolLM2 dims, float32)
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
     result = subprocess.run([sys.executable, script, *argv, "--memory-of", name], capture_output=True, text=True,
                             env=env)
