@@ -3,6 +3,7 @@
 several machines (simulated on 127.0.0.1)."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -12,11 +13,14 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from conftest import recipe_for
 from qlora.cli import app
+from qlora import distributed
 from qlora.config import dump_recipe
+from qlora.errors import RunInterrupted
 from qlora.train import train
 
 # rows of different lengths, so which rows a step holds matters
@@ -113,6 +117,28 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_the_run_res
     assert err.count(f"resuming from {run / 'checkpoints' / f'checkpoint-{stopped}'} (step {stopped})") == 1
     assert metrics_steps(run) == list(range(1, 201))
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class OwnCopyAfterTheAgreement(TrainerCallback):
+    """This rank's copy of the launcher's SIGTERM arrives just after the ranks agreed to stop on another's."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop and state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_ranks_own_copy_of_the_signal_after_the_agreement_stops_it_with_the_others(tmp_path, tiny_model,
+                                                                                     monkeypatch):
+    # another rank got SIGTERM during step 2; this one's copy comes while it was in the agreeing all-reduce: it
+    # must write the checkpoint with the others, not exit at once and leave them waiting in a collective
+    steps = iter(range(1, 1000))
+    monkeypatch.setattr(distributed, "largest", lambda value, device: signal.SIGTERM if next(steps) == 2 else value)
+    recipe = recipe_for(tmp_path, tiny_model("gemma"), ROWS, train={"max_steps": 50, "logging_steps": 1})
+    with pytest.raises(RunInterrupted, match="SIGTERM after step 2") as stopped:
+        train(recipe, callbacks=[OwnCopyAfterTheAgreement()])
+    assert stopped.value.exit_code == 143
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
 def test_two_machines_with_a_c10d_rendezvous_train_one_run(tmp_path, tiny_model):

@@ -285,7 +285,7 @@ class StopAtSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # every rank stops after the same step, whichever ranks got the signal
-        signum = distributed.largest(self.stop.signum or 0, args.device)
+        signum = distributed.largest(self.stop.received or 0, args.device)
         if signum:
             self.stop.signum = signum
             control.should_save = control.should_training_stop = True

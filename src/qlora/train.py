@@ -66,11 +66,14 @@ class SignalStop:
     current step with a checkpoint (see checkpoint.StopAtSignal).
 
     A second signal, or one before the loop starts or after it ends, exits at once: every write is
-    atomic, so that never leaves a half-written checkpoint looking complete.
+    atomic, so that never leaves a half-written checkpoint looking complete. Under torchrun every rank gets
+    the launcher's one signal, some after the ranks already agreed to stop on another's: that copy is not a
+    second signal, or the rank would leave the others waiting for it in a collective.
     """
 
     def __init__(self):
-        self.signum: int | None = None
+        self.received: int | None = None  # the signal this process got
+        self.signum: int | None = None  # the signal the run stops for (every rank's agreement)
         self.in_loop = False
 
     @contextmanager
@@ -92,11 +95,12 @@ class SignalStop:
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.signum is not None or not self.in_loop:
+        if self.received is not None or not (self.in_loop or self.signum is not None):
             console.print(f"{name}: exiting now")
             raise SystemExit(128 + signum)
-        self.signum = signum
-        console.print(f"{name}: finishing this step and writing a checkpoint (send it again to exit at once)")
+        self.received = signum
+        if self.signum is None:
+            console.print(f"{name}: finishing this step and writing a checkpoint (send it again to exit at once)")
 
 
 def make_metrics_callback(path: Path):
