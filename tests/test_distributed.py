@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from typer.testing import CliRunner
@@ -72,9 +73,15 @@ def two_process_run(tmp_path_factory, tiny_model):
 
 def test_two_processes_train_exactly_as_one_accumulating_the_same_rows(two_process_run, tmp_path, tiny_model):
     run, err = two_process_run
-    # one process, 2 micro-batches of 1 per step: the same rows per step, the same shapes, the same loss scale
-    alone = train(recipe_for(tmp_path, tiny_model("gemma"), ROWS, train={"batch_size": 1, "grad_accum": 2,
-                                                                           "logging_steps": 1}))
+    # one process, 2 micro-batches of 1 per step: the same rows per step, the same shapes, the same loss scale, and
+    # one thread as each rank has (torchrun's OMP_NUM_THREADS=1): bf16 matmuls round by how the threads split them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train(recipe_for(tmp_path, tiny_model("gemma"), ROWS, train={"batch_size": 1, "grad_accum": 2,
+                                                                               "logging_steps": 1}))
+    finally:
+        torch.set_num_threads(threads)
     two, one = adapter(run), adapter(alone)
     assert max((two[k] - one[k]).abs().max().item() for k in one) <= 1e-5
     assert max(v.abs().max().item() for v in one.values()) > 1e-3  # it trained

@@ -13,6 +13,7 @@ from conftest import BF16, ROW, snapshot
 from qlora.data import TEMPLATES, encode_prompt
 from qlora.errors import UserError
 from qlora.merge import MIN_AGREEMENT, merge, verify
+from qlora.model import compute_torch_dtype
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +177,10 @@ def test_trained_tokens_are_new_single_ids_trained_alone_and_merged_into_a_large
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size == vocab + 2 and len(tokenizer) == vocab + 2
+    compute = compute_torch_dtype(recipe.quantization)  # the dtype training held them in, as the merge's base does
     for name in ("get_input_embeddings", "get_output_embeddings"):
         grown, frozen = getattr(model, name)().weight, getattr(base, name)().weight
-        assert torch.equal(grown[:vocab], frozen) and torch.isfinite(grown[vocab:]).all()
+        assert torch.equal(grown[:vocab], frozen.to(compute).float()) and torch.isfinite(grown[vocab:]).all()
     messages = [{"role": "user", "content": ROW["instruction"]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
     assert prompt == encode_prompt(tokenizer, TEMPLATES["chatml"], ROW["instruction"])

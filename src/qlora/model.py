@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 from qlora import distributed
 from qlora.errors import UserError
 
-# bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernels-hub package is absent;
-# it falls back to its own kernel, so the warning is noise on every run
+# bitsandbytes, at import on CPUs with AVX512-BF16, fetches an optional kernel from the kernels hub and warns when
+# it cannot (kernels absent, hub offline, untrusted); it falls back to its own kernel, so that is noise on every run,
+# as is kernels' own warning that offline it skips that kernel's publisher check
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
 # peft still calls transformers' gradient_checkpointing_* names, renamed in transformers 5: noise on every run
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing.*` is deprecated", category=FutureWarning)
 
