@@ -66,6 +66,9 @@ def parse_args():
                    help="Alpaca-style JSON list whose real lengths are used (default: the shared code_alpaca_2k; "
                         "falls back to our sample data when absent)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step, as a recipe's train.grad_accum (the seed recipes take 16 "
+                        "sequences per optimizer step); a timed step is one micro-batch")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--trained-tokens", type=int, default=0,
@@ -79,7 +82,11 @@ def parse_args():
     p.add_argument("--memory-only", action="store_true",
                    help="measure each variant's memory (and qlora's by part against `qlora check`), not its speed")
     p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # the fresh memory process
-    return p.parse_args()
+    args = p.parse_args()
+    if args.grad_accum < 1 or (args.steps - args.warmup) % args.grad_accum:
+        p.error(f"--steps minus --warmup ({args.steps} - {args.warmup}) must be a multiple of --grad-accum "
+                f"({args.grad_accum}), so that the timed steps hold whole optimizer steps")
+    return args
 
 
 def build_examples(path: Path, max_length: int, vocab: int) -> list[tuple[list[int], list[int]]]:
@@ -137,7 +144,7 @@ def recipe_for(model_dir: Path, args, **train):
         "quantization": {"compute_dtype": args.compute_dtype},
         "lora": {"trained_tokens": [f"<|bench_{i}|>" for i in range(args.trained_tokens)]},
         "data": {"path": "bench.json", "max_length": args.max_length},
-        "train": {"output_dir": "bench", "batch_size": args.batch_size, "grad_accum": 1,
+        "train": {"output_dir": "bench", "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "optimizer": "paged_adamw_8bit", **train},
     }, "bench"))
 
@@ -154,8 +161,10 @@ def optimizer_for(recipe, params):
 
 
 def load_variant(model_dir: Path, variant: str, args):
-    """(model, step function) of a variant; the step function takes a list of (input_ids, labels) and, optionally,
-    `phase`: a context manager factory wrapped around the step's "forward", "backward" and "optimizer" phases."""
+    """(model, step function, optimizer) of a variant; the step function takes a list of (input_ids, labels) and,
+    optionally, `phase`: a context manager factory wrapped around the step's "forward", "backward" and "optimizer"
+    phases, and `update`: whether this micro-batch ends an optimizer step (the loss is scaled by 1/grad_accum, as
+    transformers' Trainer does)."""
     import contextlib
 
     import torch
@@ -199,17 +208,18 @@ def load_variant(model_dir: Path, variant: str, args):
     device = next(model.parameters()).device
     model.train()
 
-    def step(examples, phase=lambda name: contextlib.nullcontext()):
+    def step(examples, phase=lambda name: contextlib.nullcontext(), update=True):
         batch = collate([{"input_ids": i, "labels": l} for i, l in examples])
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         with phase("forward"), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
             loss = loss_of(batch)
         with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            (loss / args.grad_accum).backward()
+        if update:
+            with phase("optimizer"):
+                torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         return loss.item(), sum(len(i) for i, _ in examples), batch["input_ids"].numel()
 
     return model, step, optimizer
@@ -260,8 +270,8 @@ def measure_memory(model_dir: Path, batches, args) -> dict:
         loaded = torch.cuda.memory_allocated()
     else:
         loaded = reset_peak_rss()
-    for batch in batches[:args.memory_steps]:
-        step(batch)
+    for index, batch in enumerate(batches[:args.memory_steps]):  # the last one updates, so optimizer state counts
+        step(batch, update=(index + 1) % args.grad_accum == 0 or index + 1 == args.memory_steps)
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
     memory = {"memory_kind": "cuda_allocated" if cuda else "cpu_rss", "loaded_bytes": loaded, "peak_bytes": peak,
               "peak_increase_in_steps_bytes": peak - loaded,
@@ -493,7 +503,7 @@ def main() -> None:
     for index, batch in enumerate(batches[:args.steps]):
         for name in names[index % len(names):] + names[:index % len(names)]:  # no variant always goes first
             start = time.perf_counter()
-            loss, real, total = steps[name](batch)
+            loss, real, total = steps[name](batch, update=(index + 1) % args.grad_accum == 0)
             elapsed = time.perf_counter() - start
             losses[name].append(loss)
             if index >= args.warmup:
@@ -524,7 +534,8 @@ def main() -> None:
         }
     report |= {
         "load_average": os.getloadavg(),
-        "settings": {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps,
+        "settings": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+                     "steps": args.steps,
                      "warmup": args.warmup, "memory_steps": args.memory_steps,
                      "compute_dtype": recipe.quantization.compute_dtype, "torch_threads": torch.get_num_threads(),
                      "data": str(args.data if args.data.is_file() else SAMPLE_DATA),

@@ -27,7 +27,9 @@ def speed_row(path: Path) -> str:
     loss_gap = max(abs(x - y) / y for x, y in zip(q["losses"], b["losses"]))
     # rows measured before the memory processes fixed glibc's mmap threshold have no such key
     returned = ", freed heap returned" if b.get("malloc_mmap_threshold") else ""
-    return (f"| [{r['shape']}, {depth(r)}{returned}](benchmarks/results/{path.name}) | {s['batch_size']} | "
+    accumulated = f" (x{s['grad_accum']} accumulated)" if s.get("grad_accum", 1) > 1 else ""  # none: before --grad-accum
+    return (f"| [{r['shape']}, {depth(r)}{returned}](benchmarks/results/{path.name}) | "
+            f"{s['batch_size']}{accumulated} | "
             f"{b['tokens_per_second']:.1f} / {q['tokens_per_second']:.1f} | **{ratios['tokens_per_second']:.2f}x** | "
             f"{ratios['step_time_median_paired']:.2f} | {b['peak_bytes'] / GB:.2f} / {q['peak_bytes'] / GB:.2f} GB | "
             f"**{ratios['peak_memory']:.2f}x** | {ratios['peak_memory_increase_in_steps']:.2f}x | "

@@ -10,9 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_tiny_writes_the_documented_report(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "3",
-                    "--warmup", "1", "--memory-steps", "1", "--batch-size", "4", "--max-length", "512",
-                    "--workdir", str(tmp_path / "w"), "--out", str(out)], check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--shape", "tiny", "--steps", "5",
+                    "--warmup", "1", "--grad-accum", "2", "--memory-steps", "1", "--batch-size", "4",
+                    "--max-length", "512", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
     report = json.loads(out.read_text())
     assert {"device", "shape", "versions", "command", "load_average", "variants", "ratios"} <= set(report)
     baseline, qlora = report["variants"]["baseline"], report["variants"]["qlora"]
@@ -21,8 +22,10 @@ def test_bench_tiny_writes_the_documented_report(tmp_path):
         assert v["peak_bytes"] >= v["loaded_bytes"] > 0 and v["memory_kind"] == "cpu_rss"
     # rows packed best-fit-decreasing into max_length (512 here) pad less than each batch padded to its longest row
     assert qlora["padding_fraction"] < baseline["padding_fraction"]
-    # the same first batch from the same weights: the same loss, whichever way it is computed
-    assert abs(qlora["losses"][0] - baseline["losses"][0]) / baseline["losses"][0] < 0.01
+    # the same first batches (one optimizer step: 2 accumulated) from the same weights: the same losses, whichever
+    # way they are computed
+    assert all(abs(q - b) / b < 0.01 for q, b in zip(qlora["losses"][:2], baseline["losses"][:2]))
+    assert report["settings"]["grad_accum"] == 2 and len(qlora["losses"]) == 5
     assert report["ratios"]["tokens_per_second"] == qlora["tokens_per_second"] / baseline["tokens_per_second"]
     assert report["qlora_check_estimate"]["total_bytes"] > 0 and report["settings"]["matmul_peak_flops"] > 0
 
