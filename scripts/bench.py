@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -77,6 +79,9 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     p.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's fresh memory process")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--profile-ops", type=int, default=8,
+                   help="after the timed steps, profile one more step of each variant and report its N most "
+                        "time-consuming operators (0: none)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"), help="where random weights are cached")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--memory-only", action="store_true",
@@ -165,8 +170,6 @@ def load_variant(model_dir: Path, variant: str, args):
     optionally, `phase`: a context manager factory wrapped around the step's "forward", "backward" and "optimizer"
     phases, and `update`: whether this micro-batch ends an optimizer step (the loss is scaled by 1/grad_accum, as
     transformers' Trainer does)."""
-    import contextlib
-
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, set_seed
@@ -223,6 +226,39 @@ def load_variant(model_dir: Path, variant: str, args):
         return loss.item(), sum(len(i) for i, _ in examples), batch["input_ids"].numel()
 
     return model, step, optimizer
+
+
+class PhaseTimer:
+    """A `phase` factory for the step function that adds up the seconds spent in each phase."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        import torch
+
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels run asynchronously: a phase ends when its kernels have
+        self.seconds[name] += time.perf_counter() - start
+
+
+def top_operators(step, batch, count: int) -> list[dict]:
+    """The `count` operators that took the most time of one profiled training step (their own time, without the
+    operators they call: on the GPU where there is one), with the step's total for scale."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        step(batch)
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    ops = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(own(e) for e in ops)
+    return [{"operator": e.key, "calls": e.count, "ms": own(e) / 1e3, "share": own(e) / total}
+            for e in sorted(ops, key=own, reverse=True)[:count]]
 
 
 def estimate_vs_measured(recipe, shape, measured: dict) -> dict:
@@ -499,11 +535,13 @@ def main() -> None:
     times = {name: [] for name in names}
     losses = {name: [] for name in names}
     padded = {name: 0 for name in names}
+    phases = {name: PhaseTimer() for name in names}
     real_tokens = 0
     for index, batch in enumerate(batches[:args.steps]):
         for name in names[index % len(names):] + names[:index % len(names)]:  # no variant always goes first
+            timed = {"phase": phases[name]} if index >= args.warmup else {}
             start = time.perf_counter()
-            loss, real, total = steps[name](batch, update=(index + 1) % args.grad_accum == 0)
+            loss, real, total = steps[name](batch, update=(index + 1) % args.grad_accum == 0, **timed)
             elapsed = time.perf_counter() - start
             losses[name].append(loss)
             if index >= args.warmup:
@@ -514,6 +552,8 @@ def main() -> None:
         print(f"step {index + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1] if times[n] else 0:.2f}s"
                                                             for n in names), file=sys.stderr)
 
+    profiles = {name: top_operators(steps[name], batches[args.warmup], args.profile_ops)
+                for name in names if args.profile_ops}
     dims, linear_params = model_dims(model_dir)
     peak_flops, peak_dtype = matmul_peak_flops()
     flops = sum(flops_per_sequence(dims, linear_params, len(i)) for b in batches[args.warmup:args.steps] for i, _ in b)
@@ -526,11 +566,13 @@ def main() -> None:
             "tokens_per_second": real_tokens / seconds,
             "step_time_s": statistics.mean(times[name]),
             "step_time_s_stdev": statistics.pstdev(times[name]),
+            "phase_time_s": {phase: seconds / len(times[name]) for phase, seconds in phases[name].seconds.items()},
             "step_time_ratio_to_reference_median": statistics.median(
                 t / r for t, r in zip(times[name], times[reference])),
             "padding_fraction": 1 - real_tokens / padded[name],
             "mfu": flops / seconds / peak_flops,
             "losses": losses[name],
+            **({"top_operators": profiles[name]} if name in profiles else {}),
         }
     report |= {
         "load_average": os.getloadavg(),

@@ -21,6 +21,12 @@ def depth(report: dict) -> str:
         (", float32 compute" if "--compute-dtype float32" in command else "")
 
 
+def cpu(device: str) -> str:
+    """The CPU's model without trademarks and core count: 'CPU (Intel(R) Xeon(R) Processor, 2 cores)' -> 'Intel Xeon'."""
+    name = re.search(r"\((.*), \d+ cores\)", device).group(1)
+    return re.sub(r"\s+", " ", name.replace("(R)", "").replace("Processor", "")).strip()
+
+
 def speed_row(path: Path) -> str:
     r = json.loads(path.read_text(encoding="utf-8"))
     b, q, ratios, s = r["variants"]["baseline"], r["variants"]["qlora"], r["ratios"], r["settings"]
@@ -28,7 +34,7 @@ def speed_row(path: Path) -> str:
     # rows measured before the memory processes fixed glibc's mmap threshold have no such key
     returned = ", freed heap returned" if b.get("malloc_mmap_threshold") else ""
     accumulated = f" (x{s['grad_accum']} accumulated)" if s.get("grad_accum", 1) > 1 else ""  # none: before --grad-accum
-    return (f"| [{r['shape']}, {depth(r)}{returned}](benchmarks/results/{path.name}) | "
+    return (f"| [{r['shape']}, {depth(r)}{returned}](benchmarks/results/{path.name}) | {cpu(r['device'])} | "
             f"{s['batch_size']}{accumulated} | "
             f"{b['tokens_per_second']:.1f} / {q['tokens_per_second']:.1f} | **{ratios['tokens_per_second']:.2f}x** | "
             f"{ratios['step_time_median_paired']:.2f} | {b['peak_bytes'] / GB:.2f} / {q['peak_bytes'] / GB:.2f} GB | "
@@ -47,10 +53,10 @@ def memory_row(path: Path) -> str:
 
 TABLES = {
     "bench-table": lambda: "\n".join([
-        "| shape (random weights, real dimensions) | batch | tokens/s baseline / qlora | speed-up | paired step "
+        "| shape (random weights, real dimensions) | CPU | batch | tokens/s baseline / qlora | speed-up | paired step "
         "time ratio (median) | peak RSS baseline / qlora | memory ratio | ratio of what steps add | MFU baseline / "
         "qlora | largest loss gap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *map(speed_row, sorted(RESULTS.glob("bench-*-cpu.json"))),
     ]),
     "memory-table": lambda: "\n".join([

@@ -20,6 +20,12 @@ def test_bench_tiny_writes_the_documented_report(tmp_path):
     for v in (baseline, qlora):
         assert v["tokens_per_second"] > 0 and v["step_time_s"] > 0 and 0 < v["mfu"] < 1
         assert v["peak_bytes"] >= v["loaded_bytes"] > 0 and v["memory_kind"] == "cpu_rss"
+        # where a step's time goes: its phases (the optimizer's only every 2nd micro-batch) and its top operators
+        assert set(v["phase_time_s"]) == {"forward", "backward", "optimizer"}
+        assert v["phase_time_s"]["optimizer"] < sum(v["phase_time_s"].values()) <= v["step_time_s"]
+        ops = v["top_operators"]
+        assert len(ops) == 8 and all(o["calls"] > 0 and 0 < o["share"] <= 1 for o in ops)
+        assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
     # rows packed best-fit-decreasing into max_length (512 here) pad less than each batch padded to its longest row
     assert qlora["padding_fraction"] < baseline["padding_fraction"]
     # the same first batches (one optimizer step: 2 accumulated) from the same weights: the same losses, whichever
