@@ -419,18 +419,19 @@ def memory_in_fresh_process(name: str, script: str = __file__) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def matmul_peak_flops() -> tuple[float, str]:
-    """This device's measured dense matmul throughput in the compute dtype (the best of several 2048^3 products):
-    the denominator of MFU, since a CPU has no published bf16 peak."""
+def matmul_peak_flops(compute_dtype: str) -> tuple[float, str]:
+    """This device's measured dense matmul throughput in the run's compute dtype (the best of twenty 2048^3
+    products): the denominator of MFU, since a CPU has no published bf16 peak. Twenty, not a few: an Intel CPU's AMX
+    units reach their throughput only after several products (measured: 0.5 then 1.5-3.2 TFLOPs)."""
     import torch
 
-    from qlora.model import resolve_compute_dtype, torch_dtype
+    from qlora.model import torch_dtype
 
-    dtype = torch_dtype(resolve_compute_dtype("auto"))
+    dtype = torch_dtype(compute_dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(6):
+    for _ in range(20):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -555,7 +556,7 @@ def main() -> None:
     profiles = {name: top_operators(steps[name], batches[args.warmup], args.profile_ops)
                 for name in names if args.profile_ops}
     dims, linear_params = model_dims(model_dir)
-    peak_flops, peak_dtype = matmul_peak_flops()
+    peak_flops, peak_dtype = matmul_peak_flops(recipe.quantization.compute_dtype)
     flops = sum(flops_per_sequence(dims, linear_params, len(i)) for b in batches[args.warmup:args.steps] for i, _ in b)
     reference = names[0]
     results = {}
