@@ -28,18 +28,19 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     template: Template
-    recipe: Recipe | None  # None for a merged directory
+    recipe: Recipe | None  # as this machine computes it (model.inference_recipe); None for a merged directory
 
 
 def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.model import device_map, inference_dtype, load_adapter, load_quantized_base, load_tokenizer
+    from qlora.model import (device_map, inference_dtype, inference_recipe, load_adapter, load_quantized_base,
+                             load_tokenizer)
 
     path = Path(path)
     if (path / RECIPE_FILE).is_file():
-        recipe = load_recipe(path / RECIPE_FILE)
+        recipe = inference_recipe(load_recipe(path / RECIPE_FILE))
         adapter = path / ADAPTER_DIR
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"{path}: the run has no finished adapter/ (was training interrupted?)")

@@ -138,7 +138,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     """Write the merged model, tokenizer (with chat template), generation config and model card to `output`."""
     from transformers import GenerationConfig
 
-    from qlora.model import load_tokenizer, resolve_compute_dtype, save_tokenizer
+    from qlora.model import inference_recipe, load_tokenizer, save_tokenizer, trained_compute_dtype
 
     run, output = Path(run), Path(output)
     if not (run / RECIPE_FILE).is_file() or not (run / ADAPTER_DIR / "adapter_config.json").is_file():
@@ -149,9 +149,10 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     tmp = tmp_sibling(output)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        dtype = dtype or resolve_compute_dtype(recipe.quantization.compute_dtype)
+        # written in the dtype the run trained in, whichever machine merges it (a float16 run: float16 on a CPU too)
+        dtype = dtype or trained_compute_dtype(recipe.quantization)
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
-        model = load_merged_model(run, recipe, base, dtype, tokenizer)
+        model = load_merged_model(run, inference_recipe(recipe), base, dtype, tokenizer)
         template = Template.load(run / ADAPTER_DIR)
         if template.name != "tokenizer":  # else the tokenizer's own chat template, as trained, is kept
             tokenizer.chat_template = chat_template(template, adds_bos(tokenizer))

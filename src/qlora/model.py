@@ -62,6 +62,33 @@ def resolve_compute_dtype(name: str) -> str:
     return name
 
 
+def trained_compute_dtype(q: QuantizationSection) -> str:
+    """The compute dtype a run trained in: train records it resolved; auto (a recipe.yaml train did not write) is
+    taken as this machine resolves it."""
+    return resolve_compute_dtype("auto") if q.compute_dtype == "auto" else q.compute_dtype
+
+
+def inference_recipe(recipe: Recipe) -> Recipe:
+    """A run's recipe as generate, merge, export and eval compute it on this machine.
+
+    compute_dtype stays the one the run trained in where this device computes in it; else float32, which holds
+    every bfloat16 and float16 value exactly, with one console line saying so. Training refuses instead
+    (resolve_compute_dtype): it cannot train there, but a run trained elsewhere must still load here.
+    """
+    import torch
+
+    q, trained = recipe.quantization, trained_compute_dtype(recipe.quantization)
+    try:
+        dtype = resolve_compute_dtype(trained)
+    except UserError:
+        from rich.console import Console
+
+        device = f"GPU ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "CPU"
+        Console(stderr=True).print(f"the run trained in {trained}; this {device} computes in float32 instead")
+        dtype = "float32"
+    return recipe.model_copy(update={"quantization": q.model_copy(update={"compute_dtype": dtype})})
+
+
 def resolve_optimizer(name: str) -> str:
     """train.optimizer, with auto made concrete for this machine."""
     import torch
