@@ -22,7 +22,7 @@ needs_code_alpaca = pytest.mark.skipif(not CODE_ALPACA.is_file(), reason="../sha
 def test_report_on_clean_data(make_recipe):
     report = check(make_recipe(rows=[ROW, ROW_WITH_INPUT, ROW]))
     d = report.data
-    assert report.errors == [] and d.rows_total == 3 and d.examples == 3 and d.eos_trained == 3
+    assert report.errors == [] and d.rows_total == 3 and d.examples == 3 and d.stop_trained == 3
     assert 0 < d.trained_tokens < d.tokens
     assert report.length_stats["min"] <= report.length_stats["median"] <= report.length_stats["max"]
     assert sum(c for _, _, c in report.histogram) == 3

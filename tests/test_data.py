@@ -45,14 +45,19 @@ def ids_of(tok, text, special=False):
 
 @pytest.mark.parametrize("template", ["alpaca", "chatml", "llama-2", "gemma", "raw", "tokenizer"])
 @pytest.mark.parametrize("row", [ROW, ROW_WITH_INPUT], ids=["no-input", "with-input"])
-def test_alpaca_rows_mask_the_prompt_and_train_reply_end_and_eos(tokenizers, template, row):
+def test_alpaca_rows_mask_the_prompt_and_train_the_reply_through_its_end(tokenizers, template, row):
     tok, t = tokenizers["gemma"], TEMPLATES[template]
     ids, labels = encode(tok, row, template=template)
     prompt = encode_prompt(tok, t, row["instruction"], row["input"])  # what generate feeds the model
-    reply = ids_of(tok, row["output"] + t.reply_end) if template != "tokenizer" else ids_of(tok, row["output"] + "<|im_end|>\n")
-    assert ids == prompt + reply + [tok.eos_token_id]
-    assert labels == [IGNORE_INDEX] * len(prompt) + reply + [tok.eos_token_id]
-    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    # the gemma twin has <end_of_turn> as one special token, as Gemma's vocabulary: it ends the reply, the newline
+    # after it is not trained and no EOS follows; chatml's <|im_end|> is text to it, so EOS ends those replies
+    reply, after = {"gemma": (ids_of(tok, row["output"] + "<end_of_turn>"), ids_of(tok, "\n")),
+                    "tokenizer": (ids_of(tok, row["output"] + "<|im_end|>\n") + [tok.eos_token_id], [])}.get(
+        template, (ids_of(tok, row["output"] + t.reply_end) + [tok.eos_token_id], []))
+    assert ids == prompt + reply + after
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX] * len(after)
+    bos = 0 if template == "tokenizer" else 1  # a chat template writes its own BOS (this one none), ours the family's
+    assert ids.count(tok.bos_token_id) == bos and ids[:bos] == [tok.bos_token_id] * bos
     assert row["input"] in tok.decode(prompt) and row["instruction"] in tok.decode(prompt)
 
 
@@ -75,9 +80,9 @@ def test_messages_train_every_assistant_turn_and_nothing_else(tokenizers, templa
     ids, labels = encode(tok, {"messages": CONVERSATION}, format="messages", template=template)
     trained = [i for i, x in enumerate(labels) if x != IGNORE_INDEX]
     spans = tok.decode([ids[i] for i in trained], skip_special_tokens=False)
-    end = {"chatml": "<|im_end|>\n", "gemma": "<end_of_turn>\n", "llama-2": "", "tokenizer": "<|im_end|>\n"}[template]
-    assert spans == f"x * x{end}<eos>x ** 3{end}<eos>"
-    assert labels[-1] == tok.eos_token_id
+    end = {"chatml": "<|im_end|>\n<eos>", "gemma": "<end_of_turn>", "llama-2": "<eos>",
+           "tokenizer": "<|im_end|>\n<eos>"}[template]
+    assert spans == f"x * x{end}x ** 3{end}"
     masked = tok.decode([t for t, x in zip(ids, labels) if x == IGNORE_INDEX])
     assert "You write Python." in masked and "Square x." in masked and "Now cube it." in masked
 
@@ -151,7 +156,7 @@ def test_long_rows_are_dropped_and_counted_by_default(tmp_path, tokenizers):
     tok = tokenizers["gemma"]
     ids, labels, report = tokenize(tmp_path, tok, [ROW, {**ROW, "output": "x = 1\n" * 200}, ROW], max_length=128)
     assert len(ids) == 2 and report.dropped_too_long == [1] and "1 dropped" in report.summary()
-    assert report.eos_trained == report.examples == 2
+    assert report.stop_trained == report.examples == 2
 
 
 def test_truncate_keeps_trained_tokens_and_drops_rows_left_with_none(tmp_path, tokenizers):
@@ -161,7 +166,7 @@ def test_truncate_keeps_trained_tokens_and_drops_rows_left_with_none(tmp_path, t
     ids, labels, report = tokenize(tmp_path, tok, rows, max_length=prompt_len + 10, too_long="truncate")
     assert report.truncated == [0] and report.dropped_too_long == [1]
     assert len(labels[0]) == prompt_len + 10 and sum(x != IGNORE_INDEX for x in labels[0]) == 10
-    assert report.eos_trained == 0  # reported by `qlora check`: truncated rows never see their EOS
+    assert report.stop_trained == 0  # reported by `qlora check`: truncated rows never see their end
 
 
 def test_too_long_error_names_the_row(tmp_path, tokenizers):
@@ -293,3 +298,31 @@ def test_train_on_inputs_makes_every_token_a_label(tmp_path, tokenizers):
     assert ids == masked_ids and labels == ids  # the same tokens, all trained
     assert any(IGNORE_INDEX in lab for lab in masked)
     assert report.trained_tokens == report.tokens
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from qlora.tiny import build_tokenizer
+
+    return build_tokenizer("qwen2")
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_training", "qwen2_5"])
+def test_generation_markers_of_trl_training_templates_decide_what_is_trained(qwen_tokenizer, name):
+    """TRL ships each model's template and a training variant with {% generation %} around the assistant's text;
+    with the markers, qlora trains exactly the marked text (transformers' assistant mask), without them the text
+    through the turn end. Both on Qwen2.5's real vocabulary (the qwen2 twin's) and its real templates."""
+    import trl
+
+    tok = qwen_tokenizer
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    messages = [{"role": "user", "content": "Square x."}, {"role": "assistant", "content": "x * x"},
+                {"role": "user", "content": "Cube it."}, {"role": "assistant", "content": "x ** 3"}]
+    ids, labels = encode_segments(tok, row_segments({"messages": messages}, DataSection(
+        path="x.json", format="messages", template="tokenizer"), TEMPLATES["tokenizer"], tok))
+    assert ids == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    trained = tok.decode([t for t, x in zip(ids, labels) if x != IGNORE_INDEX])
+    if name.endswith("_training"):  # TRL's markers hold the newline before and after the reply
+        assert trained == "\nx * x<|im_end|>\n\nx ** 3<|im_end|>\n"
+    else:
+        assert trained == "x * x<|im_end|>x ** 3<|im_end|>"

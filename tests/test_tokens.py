@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from conftest import ROW, ROW_WITH_INPUT
 from qlora.config import DataSection
-from qlora.data import IGNORE_INDEX, TEMPLATES, adds_bos, encode_prompt, encode_segments, row_segments
+from qlora.data import (IGNORE_INDEX, TEMPLATES, adds_bos, encode_prompt, encode_segments, row_segments, stop_token_ids,
+                        turn_end)
 from qlora.merge import chat_template
 from qlora.tiny import ARCHITECTURES
 
@@ -39,7 +40,8 @@ def tokenizer(tiny_model):
 
 def consumer(tok, template_name, messages):
     """What plain transformers does with the merged model: render with its chat template, tokenize that."""
-    tok.chat_template = chat_template(TEMPLATES[template_name], adds_bos(tok))
+    template = TEMPLATES[template_name]
+    tok.chat_template = chat_template(template, adds_bos(tok), turn_end(template, tok) is None)
     text = tok.apply_chat_template(messages, tokenize=False)
     return text, tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
 
@@ -68,8 +70,12 @@ def test_multi_turn_training_ids_are_what_the_merged_chat_template_gives(tokeniz
     replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
     runs = trained_runs(ids, labels)
     assert len(runs) == len(replies)
+    end = turn_end(TEMPLATES[template], tok)
     for run, reply in zip(runs, replies):
-        assert run[-1] == tok.eos_token_id
+        # a reply ends with the template's own turn end where the tokenizer has it as one token (the twins with
+        # <end_of_turn> / <|im_end|>), with EOS elsewhere: never with both, and the newline after it is not trained
+        assert run[-1] == (tok.convert_tokens_to_ids(end) if end else tok.eos_token_id)
+        assert run.count(tok.eos_token_id) == (0 if end else 1)
         # the reply's first token is the one a joint tokenization gives: no `▁` prefix where the text has no space
         assert tok.decode(run, skip_special_tokens=True).startswith(reply)
         first = tok.convert_ids_to_tokens(run[0])
@@ -85,7 +91,9 @@ def test_generate_prompt_is_the_training_prefix_token_for_token(tokenizer, arch,
         ids, labels = encode_segments(tok, row_segments(row, data, TEMPLATES[template], tok))
         first_trained = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         assert encode_prompt(tok, TEMPLATES[template], row["instruction"], row["input"]) == ids[:first_trained]
-        assert tok.decode(ids[first_trained:]) == row["output"] + TEMPLATES[template].reply_end + tok.eos_token
+        end = "" if turn_end(TEMPLATES[template], tok) else tok.eos_token
+        assert tok.decode(ids[first_trained:]) == row["output"] + TEMPLATES[template].reply_end + end
+        assert stop_token_ids(tok, TEMPLATES[template])[0] == tok.eos_token_id
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

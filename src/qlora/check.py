@@ -340,7 +340,8 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     console.print(f"longer than data.max_length={recipe.data.max_length}: {len(d.dropped_too_long)} dropped, "
                   f"{len(d.truncated)} truncated")
     console.print(f"trained tokens: {d.trained_tokens:,} of {d.tokens:,} ({d.trained_tokens / d.tokens:.1%})")
-    console.print(f"EOS trained: {d.eos_trained} of {d.examples} examples ({d.eos_trained / d.examples:.1%})")
+    console.print(f"end of reply trained: {d.stop_trained} of {d.examples} examples "
+                  f"({d.stop_trained / d.examples:.1%})")
     console.print(f"batches of {recipe.train.batch_size} padded to their longest row: {report.padding_efficiency:.1%}"
                   f" real tokens; packed best-fit-decreasing into {recipe.data.max_length}: "
                   f"{report.packing_efficiency:.1%}")

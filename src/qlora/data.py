@@ -32,9 +32,11 @@ class Template:
     """How a conversation becomes text. Formats hold {content}, {input} (alpaca) and {system} placeholders.
 
     A user turn renders `first_user` (or `user` after the first) and, where a reply follows,
-    `reply_start` (the generation prompt). A reply is its content plus `reply_end`, then EOS; the
-    reply, `reply_end` and EOS are trained, everything else is masked. System text is rendered with
-    `system` and placed at {system} in `first_user`, or before it; "" drops it.
+    `reply_start` (the generation prompt). A reply is its content plus `reply_end`; the reply is trained,
+    everything else is masked. System text is rendered with `system` and placed at {system} in
+    `first_user`, or before it; "" drops it. How a reply ends is the tokenizer's business (see
+    `turn_end`): where `reply_end` is one special token of it, that token ends the trained reply and the
+    whitespace after it is not trained; elsewhere the whole `reply_end` and then EOS are trained.
     """
 
     name: str
@@ -49,15 +51,21 @@ class Template:
         """The single-turn prompt text for an instruction (and alpaca input), ending where the reply starts."""
         return "".join(text for text, _ in self.segments([{"role": "user", "content": instruction}], input, True))
 
-    def segments(self, messages: list[dict[str, str]], input: str = "",
-                 add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """(text, trained) segments of a conversation; a reply is one trained segment (EOS follows it)."""
+    def segments(self, messages: list[dict[str, str]], input: str = "", add_generation_prompt: bool = False,
+                 eos: str | None = None) -> list[tuple[str, bool]]:
+        """(text, trained) segments of a conversation. With `eos`, each reply is trained with its whole
+        `reply_end` and `eos` after it; without, `reply_end` ends the turn, its trailing whitespace untrained."""
         system = "".join(_fill(self.system, content=m["content"]) for m in messages if m["role"] == "system")
         out: list[tuple[str, bool]] = []
         turns = [m for m in messages if m["role"] != "system"]
+        end = self.reply_end.rstrip()
         for i, m in enumerate(turns):
             if m["role"] == "assistant":
-                out.append((m["content"] + self.reply_end, True))
+                reply = m["content"] + self.reply_end
+                if eos is not None:
+                    out.append((reply if reply.endswith(eos) else reply + eos, True))
+                else:
+                    out += [(m["content"] + end, True), (self.reply_end[len(end):], False)]
                 continue
             first, content = not out, m["content"]
             fmt = self.first_user if first else self.user
@@ -73,7 +81,7 @@ class Template:
             if follows or (i + 1 == len(turns) and add_generation_prompt):
                 text += self.reply_start
             out.append((text, False))
-        return out
+        return [(text, trained) for text, trained in out if text]
 
     def save(self, directory: Path) -> None:
         (directory / TEMPLATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
@@ -125,40 +133,123 @@ TEMPLATES = {
 }
 
 
+def special_texts(tokenizer) -> list[str]:
+    """The texts of the tokenizer's special tokens (its own and the added ones marked special), longest first."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted({t for t in [*tokenizer.all_special_tokens, *added] if t}, key=len, reverse=True)
+
+
+def _render_chat(tokenizer, messages, add_generation_prompt: bool, turn: int) -> str:
+    """The tokenizer's chat template rendered as text; a template error is a UserError naming the turn."""
+    if not messages:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - jinja raises TemplateError, and templates raise their own exceptions
+        raise UserError(f"data.template: the model's chat template refused the conversation up to turn {turn} "
+                        f"({one_line(exc)}); fix the row or choose chatml, llama-2 or gemma") from None
+
+
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the chat template marks assistant text with {% generation %} (transformers' assistant mask)."""
+    return bool(re.search(r"{%-?\s*generation\s*-?%}", tokenizer.chat_template or ""))
+
+
+def _marked_segments(tokenizer, messages, full: str) -> list[tuple[str, bool]]:
+    """Segments of `full` from the template's own {% generation %} blocks, through transformers' assistant mask."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True,
+                                            tokenizer_kwargs={"return_offsets_mapping": True})
+    spans: list[list[int]] = []  # character spans of the marked tokens, adjacent ones joined
+    for (begin, end), marked in zip(encoded["offset_mapping"], encoded["assistant_masks"]):
+        if marked and end > begin:
+            if spans and spans[-1][1] == begin:
+                spans[-1][1] = end
+            else:
+                spans.append([begin, end])
+    out, done = [], 0
+    for begin, end in spans:
+        out += [(full[done:begin], False), (full[begin:end], True)]
+        done = end
+    return [*out, (full[done:], False)]
+
+
 def chat_template_segments(tokenizer, messages: list[dict[str, str]],
                            add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """Segments from the tokenizer's own chat template, by diffing renders of growing prefixes."""
+    """(text, trained) segments of the conversation exactly as the tokenizer's own chat template renders it.
+
+    The text is the template's render of the whole conversation, nothing added (no BOS of ours, no EOS
+    after a turn end the template writes itself). Each assistant turn starts where the template's
+    generation prompt for it ends and is trained through the special token that ends it after the content
+    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`); what follows that token (a newline, an EOS
+    written after the last turn only) is not. Where no special token ends a reply, the turn's text and an
+    EOS inserted after it are trained. Templates with {% generation %} markers are masked by them.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("data.template: tokenizer, but the model's tokenizer has no chat template; "
                         "choose alpaca, chatml, llama-2 or gemma")
-
-    def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False) if msgs else ""
-
-    out, done = [], ""
+    full = _render_chat(tokenizer, messages, add_generation_prompt, len(messages))
+    if not add_generation_prompt and has_generation_markers(tokenizer):
+        return [s for s in _marked_segments(tokenizer, messages, full) if s[0]]
+    specials = special_texts(tokenizer)
+    turn_end = re.compile(r"\s*(?:" + "|".join(map(re.escape, specials)) + ")") if specials else None
+    out, done = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise UserError("data.template: the model's chat template does not render a conversation as a "
-                            "growing prefix, so replies cannot be masked exactly; choose chatml, llama-2 or gemma")
-        out += [(prompt[len(done):], False), (full[len(prompt):], True)]
-        done = full
-    if add_generation_prompt or not out:
-        rest = render(messages, add_generation_prompt)[len(done):]
-        if rest:
-            out.append((rest, False))
-    return out
+        prompt = _render_chat(tokenizer, messages[:i], True, i)
+        content = m["content"].strip()
+        start = full.find(content, len(prompt))
+        if not full.startswith(prompt) or len(prompt) < done or start < 0:
+            raise UserError(f"data.template: the model's chat template renders turn {i} (assistant) differently "
+                            "once the conversation goes on, so that reply cannot be masked exactly; train single "
+                            "turns, or choose chatml, llama-2 or gemma")
+        ended = turn_end.match(full, start + len(content)) if turn_end else None
+        out.append((full[done:len(prompt)], False))
+        if ended:
+            out.append((full[len(prompt):ended.end()], True))
+            done = ended.end()
+        else:  # no special token ends the reply: the text the template writes for this turn, then EOS, are trained
+            turn = _render_chat(tokenizer, messages[: i + 1], False, i + 1)
+            done = len(turn) if full.startswith(turn) and len(turn) >= start + len(content) else start + len(content)
+            out.append((full[len(prompt):done] + tokenizer.eos_token, True))
+    out.append((full[done:], False))
+    return [s for s in out if s[0]]
+
+
+def turn_end(template: Template, tokenizer) -> str | None:
+    """The special token that ends a reply as `template` renders it with `tokenizer` (chatml's <|im_end|>, gemma's
+    <end_of_turn>, a chat template's own), or None where the template ends a reply with nothing of its own and
+    EOS is appended instead (alpaca, raw, llama-2)."""
+    if template.name == "tokenizer":
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        reply = next(text for text, trained in chat_template_segments(tokenizer, probe) if trained).rstrip()
+        return next((t for t in special_texts(tokenizer) if reply.endswith(t) and t != tokenizer.eos_token), None) \
+            or (tokenizer.eos_token if reply.endswith(tokenizer.eos_token) else None)
+    end = template.reply_end.strip()
+    ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    return end if len(ids) == 1 and end in special_texts(tokenizer) else None
+
+
+def stop_token_ids(tokenizer, template: Template) -> list[int]:
+    """The ids that end a reply: EOS, and the template's turn end where that is another token."""
+    end = turn_end(template, tokenizer)
+    ids = [tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids(end)] if end else [])]
+    return list(dict.fromkeys(ids))
 
 
 def segments_for(template: Template, tokenizer, messages, input: str = "", add_generation_prompt: bool = False):
-    """(text, trained) segments of a conversation whose first turn may carry an alpaca input."""
+    """The exact text of a conversation, whose first turn may carry an alpaca input, as (text, trained) segments.
+
+    Joined, the segments are the whole text to tokenize: the BOS is written in front where the family adds one
+    (a chat template writes its own), and EOS after a reply where the template has no turn end of its own.
+    """
     if template.name == "tokenizer":
         if input:  # chat templates have no input slot: it follows the instruction in the message
             messages = [{**messages[0], "content": f"{messages[0]['content']}\n\n{input}"}, *messages[1:]]
         return chat_template_segments(tokenizer, messages, add_generation_prompt)
-    return template.segments(messages, input, add_generation_prompt)
+    eos = None if turn_end(template, tokenizer) else tokenizer.eos_token
+    return _with_bos(tokenizer, template.segments(messages, input, add_generation_prompt, eos))
 
 
 # a reply that starts with whitespace the template's prompt also ends with, typically
@@ -182,33 +273,36 @@ def with_bos(tokenizer, text: str) -> str:
     return text if text.startswith(bos) else bos + text
 
 
+def _with_bos(tokenizer, segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The segments with an untrained BOS in front where the family adds one and the text has none."""
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
+    if not bos or (segments and segments[0][0].startswith(bos)):
+        return segments
+    return [(bos, False), *segments]
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered text: its BOS written in front (once), then the whole string tokenized as one,
-    special-token text included: exactly what `apply_chat_template(..., tokenize=True)` does."""
+    """Token ids of a raw text (a completion prompt): its BOS written in front (once) where the family adds one,
+    then the whole string tokenized as one, special-token text included."""
     return tokenizer(with_bos(tokenizer, text), add_special_tokens=False)["input_ids"]
 
 
 def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation tokenized as ONE string, exactly as a consumer tokenizes it.
 
-    The segments are joined, each trained one followed by the EOS token, the BOS written in front, and the
-    whole text tokenized once (encode_text), so SentencePiece's dummy prefix and BPE merges fall as they do
-    for anyone tokenizing the rendered conversation. A token is trained when its first character lies in a
-    trained segment; the EOS label is set that way too, never derived from the pad id, so it is trained even
-    when padding uses EOS. Raises BoundaryMerge when a reply does not start on a token boundary, or when the
-    prompt before it tokenizes differently on its own: generation could then never feed the model its
-    training prefix.
+    The segments (see segments_for: BOS and EOS already in them) are joined and tokenized once, special-token
+    text included and nothing added, as `apply_chat_template(..., tokenize=True)` does, so SentencePiece's dummy
+    prefix and BPE merges fall as they do for anyone tokenizing the rendered conversation. A token is trained
+    when its first character lies in a trained segment; an EOS label is set that way too, never derived from
+    the pad id, so it is trained even when padding uses EOS. Raises BoundaryMerge when a reply does not start
+    on a token boundary, or when the prompt before it tokenizes differently on its own: generation could then
+    never feed the model its training prefix.
     """
-    eos = tokenizer.eos_token
-    text, trained_spans = "", []
+    full, trained_spans = "", []
     for part, trained in segments:
-        begin = len(text)
-        text += part + (eos if trained and not part.endswith(eos) else "")
         if trained:
-            trained_spans.append((begin, len(text)))
-    full = with_bos(tokenizer, text)
-    shift = len(full) - len(text)
-    trained_spans = [(a + shift, b + shift) for a, b in trained_spans]
+            trained_spans.append((len(full), len(full) + len(part)))
+        full += part
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = [token if end > begin and any(a <= begin < b for a, b in trained_spans) else IGNORE_INDEX
@@ -217,15 +311,22 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
         if any(begin < start < end for begin, end in offsets):
             raise BoundaryMerge(f"a token spans the end of the prompt and the reply at {full[:start][-20:]!r}")
         prefix = [token for token, (begin, end) in zip(ids, offsets) if end <= start]
-        if encode_text(tokenizer, full[:start]) != prefix:
+        if tokenizer(full[:start], add_special_tokens=False)["input_ids"] != prefix:
             raise BoundaryMerge(f"the prompt ending {full[:start][-20:]!r} tokenizes differently without its reply")
     return ids, labels
+
+
+def encode_conversation(tokenizer, template: Template, messages: list[dict[str, str]],
+                        input: str = "") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation, as training sees it."""
+    return encode_segments(tokenizer, segments_for(template, tokenizer, messages, input))
 
 
 def encode_prompt(tokenizer, template: Template, instruction: str, input: str = "") -> list[int]:
     """Token ids of a single-turn prompt, exactly as the training sequence starts."""
     messages = [{"role": "user", "content": instruction}]
-    return encode_text(tokenizer, "".join(t for t, _ in segments_for(template, tokenizer, messages, input, True)))
+    text = "".join(t for t, _ in segments_for(template, tokenizer, messages, input, True))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # Loading ------------------------------------------------------------------------------------------
@@ -343,7 +444,8 @@ def row_segments(row: dict, data: DataSection, template: Template, tokenizer) ->
     """A checked row as (text, trained) segments."""
     c = data.column
     if data.format == "text":
-        return [(row[c("text")], True)]
+        text, eos = row[c("text")], tokenizer.eos_token
+        return _with_bos(tokenizer, [(text if text.endswith(eos) else text + eos, True)])
     if data.format == "messages":
         return segments_for(template, tokenizer, [{"role": m["role"], "content": m["content"]}
                                                   for m in row[c("messages")]])
@@ -373,7 +475,7 @@ class DataReport:
     tokens: int = 0
     trained_tokens: int = 0
     most_trained: int = 0  # trained tokens of the example with the most
-    eos_trained: int = 0  # kept examples whose last trained token is EOS
+    stop_trained: int = 0  # kept examples whose last trained token ends a reply (EOS or the template's turn end)
 
     @property
     def examples(self) -> int:
@@ -442,6 +544,7 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
     report = DataReport(source=source, rows_total=len(rows))
     input_ids, labels = [], []
     valid = find_invalid(rows, data, report)
+    stops = set(stop_token_ids(tokenizer, template))
     console = Console(stderr=True)
     # in a terminal only: elsewhere a transient bar leaves a blank line in the log
     for index in track(valid, description=f"tokenizing {len(valid)} rows", console=console, transient=True,
@@ -451,17 +554,19 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
         except BoundaryMerge:
             report.invalid.setdefault(BOUNDARY_PROBLEM, []).append(index)
             continue
+        replies = lab
         if data.train_on_inputs:  # every token is a label; the model's shift leaves the first unscored
             lab = list(ids)
         if len(ids) > data.max_length:
             if data.too_long == "error":
                 raise UserError(f"{source}: row {index} has {len(ids)} tokens, over data.max_length="
                                 f"{data.max_length}; raise max_length or set data.too_long to drop or truncate")
-            ids, lab = ids[: data.max_length], lab[: data.max_length]
+            ids, lab, replies = ids[: data.max_length], lab[: data.max_length], replies[: data.max_length]
             if data.too_long == "drop" or all(x == IGNORE_INDEX for x in lab):
                 report.dropped_too_long.append(index)
                 continue
             report.truncated.append(index)
+        report.stop_trained += next((x for x in reversed(replies) if x != IGNORE_INDEX), None) in stops
         input_ids.append(ids)
         labels.append(lab)
         report.lengths.append(len(ids))
@@ -469,7 +574,6 @@ def tokenize_rows(rows: list[Any], tokenizer, template: Template, data: DataSect
         trained = sum(1 for x in lab if x != IGNORE_INDEX)
         report.trained_tokens += trained
         report.most_trained = max(report.most_trained, trained)
-        report.eos_trained += lab[-1] == tokenizer.eos_token_id
     enforce_invalid_policy(data, report)
     if not input_ids:
         raise UserError(f"{source}: no row fits data.max_length={data.max_length}; raise it")

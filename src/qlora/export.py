@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from qlora.config import load_recipe
-from qlora.data import Template, segments_for
+from qlora.data import Template, segments_for, turn_end
 from qlora.errors import RunFailed, UserError
 from qlora.files import publish_dir, tmp_sibling, write_atomic, write_marker
 from qlora.llamacpp import convert, gguf_reader
@@ -36,7 +36,7 @@ def ollama_template(template: Template, tokenizer) -> str:
 def modelfile(gguf_name: str, template: Template, tokenizer, generation) -> str:
     """An Ollama Modelfile: the GGUF, the training prompt as TEMPLATE, the end tokens as stops, the recipe's
     sampling defaults."""
-    stops = [s for s in dict.fromkeys([tokenizer.eos_token, template.reply_end.strip()]) if s]
+    stops = [s for s in dict.fromkeys([tokenizer.eos_token, turn_end(template, tokenizer)]) if s]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(template, tokenizer)}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f"PARAMETER temperature {generation.temperature}", f"PARAMETER num_predict {generation.max_new_tokens}",

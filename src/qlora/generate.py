@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
-from qlora.data import TEMPLATE_FILE, Template, encode_prompt
+from qlora.data import TEMPLATE_FILE, Template, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import RunInterrupted, UserError
 from qlora.files import complete_lines, jsonl_lines, read_jsonl, read_text
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
@@ -68,8 +68,9 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def stop_strings(loaded: LoadedModel, sampling: GenerationSection) -> list[str]:
     """The recipe's stop strings and the end of a reply in the run's template (chatml's <|im_end|>, gemma's
-    <end_of_turn>): a reply ends there, not in the newline the template writes after it or in a next turn."""
-    end = loaded.template.reply_end.strip()
+    <end_of_turn>, a chat template's own): a reply ends there, not in the newline the template writes after it
+    or in a next turn."""
+    end = turn_end(loaded.template, loaded.tokenizer)
     return [*sampling.stop, end] if end and end not in sampling.stop else list(sampling.stop)
 
 
@@ -158,7 +159,7 @@ def generate_from_ids(loaded: LoadedModel, prompts: list[list[int]], sampling: G
                 top_k=sampling.top_k if sample else None,
                 num_beams=sampling.num_beams,
                 repetition_penalty=sampling.repetition_penalty,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stop_token_ids(tok, loaded.template),
                 pad_token_id=tok.pad_token_id,
                 stop_strings=stop or None,
                 tokenizer=tok,

@@ -17,7 +17,7 @@ from typing import Literal
 from rich.console import Console
 
 from qlora.config import dump_recipe, load_recipe
-from qlora.data import Template, adds_bos, encode_prompt
+from qlora.data import Template, adds_bos, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import UserError
 from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
 from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, read_eval_summary
@@ -48,11 +48,11 @@ def _jinja(fmt: str, **exprs: str) -> str:
     return " + ".join(pieces) or "''"
 
 
-def chat_template(template: Template, add_bos: bool) -> str:
+def chat_template(template: Template, add_bos: bool, eos_after_reply: bool) -> str:
     """A Jinja chat template that renders conversations exactly as `template` did in training.
 
     A user message X with add_generation_prompt renders the training prompt for instruction X;
-    each assistant turn ends with its trained reply_end and EOS.
+    each assistant turn ends with reply_end, and EOS after it where the template has no turn end of its own.
     """
     first = template.first_user if "{system}" in template.first_user else "{system}" + template.first_user
     return (
@@ -67,7 +67,8 @@ def chat_template(template: Template, add_bos: bool) -> str:
         + "{%- else -%}{{- " + _jinja(template.user, content="m['content']") + " -}}{%- endif -%}"
         + "{%- set ns.first = false -%}"
         + "{%- if not loop.last or add_generation_prompt -%}{{- " + _jinja(template.reply_start) + " -}}{%- endif -%}"
-        + "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + " + _jinja(template.reply_end) + " + eos_token -}}"
+        + "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + " + _jinja(template.reply_end)
+        + (" + eos_token" if eos_after_reply else "") + " -}}"
         + "{%- endif -%}{%- endfor -%}"
     )
 
@@ -122,17 +123,6 @@ def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str, tokenizer):
     return merged
 
 
-def stop_token_ids(template: Template, tokenizer) -> int | list[int]:
-    """generation_config's eos_token_id: EOS, and the template's end of a reply where that is one special token
-    (chatml's <|im_end|>, gemma's <end_of_turn>), so that plain transformers stops at the end of a reply too."""
-    end = template.reply_end.strip()
-    ids = tokenizer.encode(end, add_special_tokens=False) if end else []
-    # one token that decoding drops: a special token, never text the reply could contain
-    if len(ids) == 1 and not tokenizer.decode(ids, skip_special_tokens=True) and ids[0] != tokenizer.eos_token_id:
-        return [tokenizer.eos_token_id, ids[0]]
-    return tokenizer.eos_token_id
-
-
 def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized", dtype: str | None = None,
           max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Write the merged model, tokenizer (with chat template), generation config and model card to `output`."""
@@ -155,11 +145,12 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         model = load_merged_model(run, inference_recipe(recipe), base, dtype, tokenizer)
         template = Template.load(run / ADAPTER_DIR)
         if template.name != "tokenizer":  # else the tokenizer's own chat template, as trained, is kept
-            tokenizer.chat_template = chat_template(template, adds_bos(tokenizer))
+            tokenizer.chat_template = chat_template(template, adds_bos(tokenizer),
+                                                    turn_end(template, tokenizer) is None)
 
-        g = recipe.generation
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(template, tokenizer),
+        g, stops = recipe.generation, stop_token_ids(tokenizer, template)
+        model.generation_config = GenerationConfig(  # one id written as a number, several as a list, as hub models do
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=stops[0] if len(stops) == 1 else stops,
             pad_token_id=tokenizer.pad_token_id, max_new_tokens=g.max_new_tokens, do_sample=g.temperature > 0,
             **({"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.temperature > 0 else {}),
             num_beams=g.num_beams, repetition_penalty=g.repetition_penalty,
