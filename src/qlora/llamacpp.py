@@ -1,13 +1,14 @@
 """llama.cpp's stock HF -> GGUF converter, run as shipped, and the reference vocabularies it ships.
 
 The llama-cpp-python source distribution on PyPI vendors llama.cpp whole. We fetch it with pip (no build)
-and keep only what the converter runs on (convert_hf_to_gguf.py, its `conversion` package, gguf-py) and two
-of the real vocabularies llama.cpp tests its tokenizers against (models/ggml-vocab-*.gguf), cached per
-version outside any repo.
+and keep only what the converter runs on (convert_hf_to_gguf.py, its `conversion` package, gguf-py) and the
+real fixtures llama.cpp tests itself with: the vocabularies it tests its tokenizers against
+(models/ggml-vocab-*.gguf) and real models' chat templates, cached per version outside any repo.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,17 +27,20 @@ console = Console(stderr=True)
 # Pinned: the converter's architectures and its table of known BPE tokenizers change from release to release.
 LLAMA_CPP_PYTHON = "0.3.36"
 CONVERTER = "convert_hf_to_gguf.py"
-# What the converter imports (relative to vendor/llama.cpp/), and the real BPE vocabularies of our twins' families
-# with llama.cpp's reference tokenizations of them (.inp/.out): ~10 MB of the 77 MB sdist (C++ sources, 20 other
-# vocabularies) is unpacked.
-KEEP = (CONVERTER, "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "models/ggml-vocab-gpt-2.gguf",
-        "models/ggml-vocab-qwen2.gguf")
+# What the converter imports (relative to vendor/llama.cpp/), and llama.cpp's real test fixtures: every vocabulary
+# with its reference tokenizations (models/ggml-vocab-*.gguf, .inp/.out), the chat templates of ~70 models
+# (models/templates/*.jinja) and the older ones its template test holds inline (tests/test-chat-template.cpp).
+# 80 MB is unpacked (it was 9.5 MB with two vocabularies): the 19 vocabularies are 78 MB; C++ sources are left out.
+KEEP = (CONVERTER, "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "models/ggml-vocab-",
+        "models/templates/", "tests/test-chat-template.cpp")
 
 
 def default_cache() -> Path:
-    """Where the converter is unpacked: $XDG_CACHE_HOME (or ~/.cache)/qlora/llama.cpp-<llama-cpp-python version>."""
+    """Where the converter is unpacked: $XDG_CACHE_HOME (or ~/.cache)/qlora/llama.cpp-<llama-cpp-python version>-<KEEP
+    digest>, so a tree unpacked with other KEEP files is never taken for one holding these."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "qlora" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    keep = hashlib.sha256("\n".join(KEEP).encode()).hexdigest()[:8]
+    return root / "qlora" / f"llama.cpp-{LLAMA_CPP_PYTHON}-{keep}"
 
 
 def _unpack(sdist: Path, target: Path) -> None:
