@@ -176,7 +176,19 @@ def _marked_segments(tokenizer, messages, full: str) -> list[tuple[str, bool]]:
 
 def chat_template_segments(tokenizer, messages: list[dict[str, str]],
                            add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """(text, trained) segments of the conversation exactly as the tokenizer's own chat template renders it.
+    """(text, trained) segments of the conversation exactly as the tokenizer's own chat template renders it (see
+    _chat_segments), from a template that can be masked exactly (see _probe_chat_template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.template: tokenizer, but the model's tokenizer has no chat template; "
+                        "choose alpaca, chatml, llama-2 or gemma")
+    _, problem = _probe_chat_template(tokenizer, tokenizer.chat_template)
+    if problem and not add_generation_prompt:  # a prompt to generate from is the template's, maskable or not
+        raise _unmaskable(f"turn {next((i for i, m in enumerate(messages) if m['role'] == 'assistant'), 0)}", problem)
+    return _chat_segments(tokenizer, messages, add_generation_prompt)
+
+
+def _chat_segments(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """(text, trained) segments of the conversation as the tokenizer's own chat template renders it.
 
     The text is the template's render of the whole conversation, nothing added (no BOS of ours, no EOS
     after a turn end the template writes itself). Each assistant turn starts where the template's
@@ -185,9 +197,6 @@ def chat_template_segments(tokenizer, messages: list[dict[str, str]],
     written after the last turn only) is not. Where no special token ends a reply, the turn's text and an
     EOS inserted after it are trained. Templates with {% generation %} markers are masked by them.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("data.template: tokenizer, but the model's tokenizer has no chat template; "
-                        "choose alpaca, chatml, llama-2 or gemma")
     full = _render_chat(tokenizer, messages, add_generation_prompt, len(messages))
     if not add_generation_prompt and has_generation_markers(tokenizer):
         return [s for s in _marked_segments(tokenizer, messages, full) if s[0]]
@@ -217,15 +226,38 @@ def chat_template_segments(tokenizer, messages: list[dict[str, str]],
     return [s for s in out if s[0]]
 
 
+@functools.lru_cache(maxsize=8)  # asked for every row: render and tokenize the probe once per template
+def _probe_chat_template(tokenizer, chat_template: str) -> tuple[str | None, str | None]:
+    """(the special token that ends a reply, or None; why no reply can be masked exactly, or None) for the
+    tokenizer's chat template (`chat_template`, its text, keys the cache), from a probe conversation. A template
+    whose generation prompt is not a token prefix of the conversation it renders cannot be masked (Qwen3.5's
+    prompt ends `<think>\n` where the render goes on `\n\n</think>`)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        segments = _chat_segments(tokenizer, probe, False)
+        encode_segments(tokenizer, segments)
+    except BoundaryMerge as exc:
+        return None, f"{exc}, so generation could never feed the model its training prefix"
+    except UserError:  # its generation prompt is not how the conversation it renders goes on (QwQ's `</think>`)
+        return None, "its generation prompt is not the start of the reply it renders"
+    reply = next(text for text, trained in segments if trained).rstrip()
+    return next((t for t in special_texts(tokenizer) if reply.endswith(t)), None), None
+
+
+def _unmaskable(turn: int | str, problem: str) -> UserError:
+    return UserError(f"data.template: the model's chat template cannot be masked exactly at {turn} (assistant): "
+                     f"{problem}; choose chatml, llama-2 or gemma")
+
+
 def turn_end(template: Template, tokenizer) -> str | None:
     """The special token that ends a reply as `template` renders it with `tokenizer` (chatml's <|im_end|>, gemma's
     <end_of_turn>, a chat template's own), or None where the template ends a reply with nothing of its own and
     EOS is appended instead (alpaca, raw, llama-2)."""
     if template.name == "tokenizer":
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-        reply = next(text for text, trained in chat_template_segments(tokenizer, probe) if trained).rstrip()
-        return next((t for t in special_texts(tokenizer) if reply.endswith(t) and t != tokenizer.eos_token), None) \
-            or (tokenizer.eos_token if reply.endswith(tokenizer.eos_token) else None)
+        end, problem = _probe_chat_template(tokenizer, tokenizer.chat_template)
+        if problem:
+            raise _unmaskable("every turn", problem)
+        return end
     end = template.reply_end.strip()
     ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
     return end if len(ids) == 1 and end in special_texts(tokenizer) else None
