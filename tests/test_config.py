@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import apply_overrides, load_recipe, recipe_reference, validate_recipe
+from qlora.config import apply_overrides, dump_recipe, load_recipe, parse_yaml, recipe_reference, validate_recipe
 from qlora.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("lora.r=yes", "lora.r: Input should be a valid integer (got True)"),
+    ("lora.r=yes", "lora.r: 'yes' is text, not a number, in YAML 1.2, which recipes follow (YAML 1.1 reads True)"),
     ("lora.r='16'", "lora.r: Input should be a valid integer (got '16')"),
     ("train.max_steps=1.5", "train.max_steps: Input should be a valid integer (got 1.5)"),
     ("train.learning_rate=fast", "train.learning_rate: Input should be a valid number (got 'fast')"),
@@ -150,3 +150,87 @@ def test_min_lr_ratio_needs_the_cosine_schedule():
     raw = {**MINIMAL, "train": {**MINIMAL["train"], "min_lr_ratio": 0.1, "lr_scheduler": "linear"}}
     assert error_for(raw) == ("r.yaml: train.min_lr_ratio applies to the cosine schedule, not linear; set "
                               "train.lr_scheduler: cosine or drop min_lr_ratio")
+
+
+
+def recipe_with_line(tmp_path, dotted, raw):
+    """RECIPE_TEXT with `dotted: raw` written as the user would (a lora key or a key of its train section)."""
+    section, name = dotted.split(".")
+    text = RECIPE_TEXT + (f"  {name}: {raw}\n" if section == "train" else f"{section}:\n  {name}: {raw}\n")
+    (tmp_path / "r.yaml").write_text(text)
+    return tmp_path / "r.yaml"
+
+
+@pytest.mark.parametrize("value", ["on", "off"])
+def test_on_and_off_are_the_documented_strings_not_booleans(tmp_path, value):
+    assert load_recipe(recipe_with_line(tmp_path, "train.liger", value)).train.liger == value
+    assert load_recipe(recipe_with_line(tmp_path, "train.seed", "1"), [f"train.liger={value}"]).train.liger == value
+
+
+@pytest.mark.parametrize("key, raw, yaml_1_1", [
+    ("lora.r", "1:30", "90"),  # YAML 1.1's base 60
+    ("lora.r", "0755", "493"),  # 1.1: octal 493, 1.2 core: 755; a recipe guesses neither
+    ("train.max_steps", "1_000", "1000"),
+    ("lora.alpha", "0b11", "3"),
+    ("lora.use_rslora", "yes", "True"),
+    ("lora.use_dora", "on", "True"),
+])
+def test_yaml_1_1_surprises_are_refused_naming_the_key(tmp_path, key, raw, yaml_1_1):
+    kind, fix = ("a boolean", "write true or false") if yaml_1_1 == "True" else \
+        ("a number", "write the number in decimal digits")
+    expected = (f"{key}: {raw!r} is text, not {kind}, in YAML 1.2, which recipes follow (YAML 1.1 reads {yaml_1_1}): "
+                f"{fix}")
+    path = recipe_with_line(tmp_path, key, raw)
+    for overrides in ([], [f"{key}={raw}"]):
+        with pytest.raises(UserError) as info:
+            load_recipe(path if not overrides else recipe_with_line(tmp_path, "train.seed", "1"), overrides)
+        assert str(info.value) == f"{path}: {expected}"
+
+
+def test_what_yaml_1_2_reads_and_recipe_yaml_keeps(tmp_path):
+    recipe = load_recipe(recipe_with_line(tmp_path, "generation.stop", "[=, '1e5', '+.5', 2024-01-01]"),
+                         ["model.revision=2024-01-01", "lora.r=0o20", "lora.alpha=1e2"])
+    assert recipe.model.revision == "2024-01-01" and recipe.lora.r == 16 and recipe.lora.alpha == 100.0
+    assert recipe.generation.stop == ["=", "1e5", "+.5", "2024-01-01"]
+    text = dump_recipe(recipe)
+    assert "'1e5'" in text and "'+.5'" in text  # quoted: recipe.yaml reads back the same here and in any YAML reader
+    (tmp_path / "again.yaml").write_text(text)
+    assert load_recipe(tmp_path / "again.yaml") == recipe
+
+
+MERGES = """\
+lora: &small {r: 8, alpha: 16, dropout: 0.1}
+generation: &greedy {max_new_tokens: 64, temperature: 0.0, top_k: 5}
+"""
+
+
+def test_merge_keys_work_as_yaml_defines_them():
+    merged = parse_yaml("a: &a {x: 1, revision: one}\nb: &b {revision: two, z: 2}\n"
+                        "c:\n  <<: [*a, *b]\n  x: 3\nd: {<<: *b, z: 4}\n")
+    assert merged["c"] == {"x": 3, "revision": "one", "z": 2}  # its own keys win, then the earlier merged mapping's
+    assert merged["d"] == {"revision": "two", "z": 4}
+
+
+def test_merge_keys_in_a_recipe_and_an_override_of_a_merged_section(tmp_path):
+    (tmp_path / "r.yaml").write_text(RECIPE_TEXT.replace("train:\n", "train: &train\n") + "  max_steps: 3\n"
+                                     + "lora: {<<: {r: 8, alpha: 16}, alpha: 32}\n")
+    recipe = load_recipe(tmp_path / "r.yaml", ["lora.r=4"])
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.train.max_steps) == (4, 32.0, 3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: {<<: 3}\n", "line 1: the merge key << takes a mapping or a list of mappings, e.g. <<: *base"),
+    ("a:\n  <<: {x: 1}\n  <<: {y: 1}\n", "line 3: duplicate key '<<' (first on line 2); keep one"),
+    ("? [a, b]\n: 1\n", "line 1: a key is a sequence; recipe keys are names"),
+    ("lora: {1: 2}\n", "line 1: the key '1' reads as 1, not a name; quote it (\"1\") if you mean the text"),
+    ("a: &a [*a]\n", "line 1: *a is inside &a itself: an endless recipe"),
+    ("a: " + "[" * 100_000 + "]" * 100_000 + "\n", "line 1: nested more than 32 levels deep; a recipe needs a few"),
+    ("lora: {r: " + "1" * 5001 + "}\n",
+     "line 1: a number of 5001 digits is more than Python reads (4300) and any recipe needs"),
+    ("a: !!python/name:os.system\n", "line 1: refused the tag !!python/name:os.system: a recipe holds plain values"),
+])
+def test_yaml_a_recipe_cannot_hold_is_one_line_naming_the_line(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(UserError) as info:
+        load_recipe(tmp_path / "r.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'r.yaml'}: {message}")

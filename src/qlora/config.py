@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,11 +149,11 @@ class DataSection(_Section):
         "messages -> chatml, else raw. Saved in the run and reused by generate and merge.",
     )
     max_length: int = Field(
-        2048, gt=8, description="Longest example in tokens (prompt + response + EOS); drives activation memory."
+        2048, gt=8, description="Longest example in tokens (prompt + response + its end); drives activation memory."
     )
     too_long: Literal["drop", "truncate", "error"] = Field(
         "drop",
-        description="Rows longer than max_length: drop (default; every kept row keeps its trained EOS), "
+        description="Rows longer than max_length: drop (default; every kept row keeps its trained end), "
         "truncate (cut the end; rows with no trained token left are dropped) or error. Always counted.",
     )
     skip_invalid: bool = Field(
@@ -285,7 +286,8 @@ class GenerationSection(_Section):
     seed: int | None = Field(None, **SEED_RANGE,
                              description="Seed for sampling (0 to 2^32-1); the same seed gives the same text.")
     stop: list[str] = Field([], description="Strings that end the output; the text stops before the first one. The end of a "
-                           "reply in the template (chatml's <|im_end|>, gemma's <end_of_turn>) always does.")
+                           "reply in the template (chatml's <|im_end|>, gemma's <end_of_turn>, a chat template's own) "
+                           "always does.")
 
 
 class Recipe(_Section):
@@ -339,32 +341,127 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{key} is required but missing"
     got = error.get("input")
+    if error["type"] in ("bool_type", "int_type", "float_type") and isinstance(got, str):
+        if (yaml_1_1 := _yaml_1_1_reading(got)) is not None:
+            kind, fix = ("a boolean", "write true or false") if error["type"] == "bool_type" else \
+                ("a number", "write the number in decimal digits")
+            return f"{key}: {got!r} is text, not {kind}, in YAML 1.2, which recipes follow (YAML 1.1 reads " \
+                   f"{yaml_1_1!r}): {fix}"
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     message = error["msg"].removeprefix("Value error, ")
     # a rule across sections (loc is empty) names its keys itself
     return message if not loc or message.startswith(key + ".") else f"{key}: {message}{shown}"
 
 
-class DuplicateKey(yaml.MarkedYAMLError):
-    def __init__(self, key: Any, first_line: int, mark):
-        super().__init__(problem=f"duplicate key {key!r} (first on line {first_line}); keep one", problem_mark=mark)
+def _yaml_1_1_reading(text: str) -> bool | int | float | None:
+    """What YAML 1.1 (PyYAML's safe_load) reads `text` as, where that is a boolean or number and 1.2 reads text."""
+    try:
+        old, new = yaml.safe_load(text), parse_yaml(text)
+    except yaml.YAMLError:
+        return None
+    return old if isinstance(old, (bool, int, float)) and isinstance(new, str) else None
+
+
+class RecipeYAMLError(yaml.MarkedYAMLError):
+    """YAML that is well formed but no recipe: its `problem` is the message, its mark the line."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+MAX_DEPTH = 32  # levels of nesting; a recipe needs 4, and a deeper document would exhaust Python's recursion
+MERGE_TAG = "tag:yaml.org,2002:merge"
+# Plain scalars are typed as in YAML 1.2's core schema, not 1.1's: `on`, `off`, `yes`, `no` stay text (train.liger: on
+# is the documented string, not True), as do `1:30` (1.1: base 60, 90), `1_000`, `0b1`, dates, and `0755`, which 1.1
+# reads as octal 493 and 1.2 as 755: left as text, a number key refuses it instead of guessing. `2e-4` is a float.
+CORE_SCHEMA = [
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    ("float", r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+0123456789."),
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("merge", r"<<", "<"),  # YAML 1.1's merge key, which 1.2 tools keep
+]
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys and reads `2e-4` as a float (YAML 1.2; 1.1 makes it a string)."""
+    """yaml.SafeLoader with YAML 1.2's plain scalars (CORE_SCHEMA) and merge keys as YAML defines them, refusing
+    duplicate keys, keys that are not names, tags that would build objects and documents too deep or too large."""
+
+    yaml_implicit_resolvers: dict = {}
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.composing: list[str | None] = []  # the anchor (or None) of each node being composed, outermost first
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self.composing:
+            raise RecipeYAMLError(f"*{event.anchor} is inside &{event.anchor} itself: an endless recipe",
+                                  event.start_mark)
+        if len(self.composing) >= MAX_DEPTH:
+            raise RecipeYAMLError(f"nested more than {MAX_DEPTH} levels deep; a recipe needs a few", event.start_mark)
+        self.composing.append(event.anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.composing.pop()
 
     def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise DuplicateKey(key, seen[key], key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        """The mapping's own keys (each once), then those of its `<<` merged mappings that it lacks: of a merged list,
+        the earlier mapping's value wins (YAML's merge key; PyYAML 6.0.3 lets the later one win)."""
+        mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
+        merged = []
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                key = "<<"
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                if not all(isinstance(source, yaml.MappingNode) for source in sources):
+                    raise RecipeYAMLError("the merge key << takes a mapping or a list of mappings, e.g. <<: *base",
+                                          value_node.start_mark)
+                merged += sources
+            elif not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeYAMLError(f"a key is a {key_node.id}; recipe keys are names", key_node.start_mark)
+            else:
+                key = self.construct_object(key_node)
+                if not isinstance(key, str):
+                    raise RecipeYAMLError(f"the key {key_node.value!r} reads as {key!r}, not a name; quote it "
+                                          f"(\"{key_node.value}\") if you mean the text", key_node.start_mark)
+            if key in lines:
+                raise RecipeYAMLError(f"duplicate key {key!r} (first on line {lines[key]}); keep one",
+                                      key_node.start_mark)
+            lines[key] = key_node.start_mark.line + 1
+            if key != "<<":
+                mapping[key] = self.construct_object(value_node, deep=deep)
+        for source in merged:
+            for key, value in self.construct_mapping(source, deep).items():
+                mapping.setdefault(key, value)
+        return mapping
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+            raise RecipeYAMLError(f"a number of {len(node.value)} digits is more than Python reads "
+                                  f"({sys.get_int_max_str_digits()}) and any recipe needs", node.start_mark) from None
+
+    def construct_undefined(self, node):
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise RecipeYAMLError(f"refused the tag {tag}: a recipe holds plain values, never Python objects",
+                              node.start_mark)
 
 
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+class RecipeDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that quotes a string YAML 1.1 or 1.2 would read as something else (`on`, `1e5`, `0o7`), so a
+    recipe it writes reads back the same in RecipeLoader and in any other YAML reader."""
+
+
+for name, pattern, first in CORE_SCHEMA:
+    for cls in (RecipeLoader, RecipeDumper):
+        cls.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(f"^(?:{pattern})$"), list(first))
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+RecipeLoader.add_constructor(None, RecipeLoader.construct_undefined)
 
 
 def parse_yaml(text: str) -> Any:
@@ -372,28 +469,30 @@ def parse_yaml(text: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `a.b=value` into its key path and YAML-typed value."""
+    """Split `a.b=value` into its key path and YAML-typed value (read as a recipe's values are)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set lora.r=32")
     try:
         value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+        shown = raw if len(raw) <= 60 else raw[:57] + "..."
+        raise UserError(f"--set {key}: value {shown!r} is not a valid recipe value "
+                        f"({getattr(exc, 'problem', None) or exc})") from None
     return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of the recipe mapping with each `--set KEY=VALUE` applied."""
-    result = parse_yaml(yaml.safe_dump(raw))
+    result = dict(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = result
         for depth, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
+            child = node.get(part, {})
             if not isinstance(child, dict):
                 raise UserError(f"--set {text!r}: {'.'.join(path[: depth + 1])} is not a section")
-            node = child
+            node[part] = node = dict(child)  # a copy: the caller's mapping, and a YAML alias of it, stay as they were
         node[path[-1]] = value
     return result
 
@@ -403,14 +502,12 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     text = read_text(path, "recipe")
     try:
         raw = parse_yaml(text)
-    except DuplicateKey as exc:
-        raise UserError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}") from None
-    except yaml.constructor.ConstructorError as exc:
-        raise UserError(f"{path}: refused a YAML tag that would build Python objects ({exc.problem})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or exc
+        raise UserError(f"{path}:{where}: " + (problem if isinstance(exc, RecipeYAMLError)
+                                               else f"not valid YAML ({problem})")) from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a mapping with sections model, data, train, ...")
     return raw
@@ -445,7 +542,7 @@ def with_generation_overrides(base: GenerationSection, overrides: dict[str, Any]
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default filled in."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.dump(recipe.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
 def recipe_reference() -> str:
