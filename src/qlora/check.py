@@ -17,7 +17,7 @@ from qlora.config import Recipe
 from qlora.data import (IGNORE_INDEX, TEMPLATES, DataReport, Template, build_datasets, is_local_path, load_rows,
                         tokenize_rows)
 from qlora.errors import UserError
-from qlora.loss import CHUNK_ELEMENTS
+from qlora.loss import CHUNK_ELEMENTS, unproven
 from qlora.rundir import RunPlan, data_fingerprint, plan_run, refuse_if_locked
 
 GB = 1024**3
@@ -30,7 +30,8 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @dataclass
 class ModelShape:
-    """Parameter counts of a model, read from its config on the meta device (no weights)."""
+    """Parameter counts of a model, and what decides how its loss is computed, read from its config on the meta
+    device (no weights)."""
 
     quantized: int  # weights of the linear layers bitsandbytes quantizes (all but the output head)
     other: int  # embeddings, norms, an untied output head
@@ -43,6 +44,9 @@ class ModelShape:
     vocab: int
     kv: int  # width of the key and value projections (key-value heads x head size)
     largest: int  # weights of the largest quantized linear layer, which is dequantized whole for its matmul
+    class_name: str  # GraniteForCausalLM
+    loss_fallback: str | None  # why the model's own forward computes the loss instead of qlora.loss, or None
+    router_aux_loss_coef: float | None  # its config's, where the model returns router logits (Mixture of Experts)
 
 
 def model_shape(recipe: Recipe) -> ModelShape:
@@ -73,7 +77,9 @@ def model_shape(recipe: Recipe) -> ModelShape:
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             lora += recipe.lora.r * (module.in_features + module.out_features)
     check_module_names(model, recipe, sorted(linear_names))
-    check_trained_tokens(model, recipe)
+    head_name = next(n for n, m in model.named_modules() if m is head).rsplit(".", 1)[-1]
+    check_trained_tokens(head, head_name, recipe)
+    trained = targets != "all-linear" and head_name in targets or head_name in recipe.lora.modules_to_save
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", config)
     heads = text.num_attention_heads
@@ -84,7 +90,11 @@ def model_shape(recipe: Recipe) -> ModelShape:
                       hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                       layers=text.num_hidden_layers, vocab=text.vocab_size,
-                      kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, largest=largest)
+                      kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, largest=largest,
+                      class_name=type(model).__name__,
+                      loss_fallback=f"lora trains its LM head {head_name}" if trained else unproven(model),
+                      router_aux_loss_coef=getattr(text, "router_aux_loss_coef", 0.0)
+                      if hasattr(text, "output_router_logits") else None)
 
 
 def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
@@ -101,16 +111,39 @@ def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
                             f"its {kind} are {', '.join(valid)}")
 
 
-def check_trained_tokens(model, recipe: Recipe) -> None:
+def check_trained_tokens(head, name: str, recipe: Recipe) -> None:
     """peft's trainable tokens compute an LM head without its bias (Phi-2 has one) outside our loss, so generation
     from the adapter would differ from training: such a head must be trained in full instead."""
-    head, lora = model.get_output_embeddings(), recipe.lora
+    lora = recipe.lora
     if not lora.trained_tokens or getattr(head, "bias", None) is None:
         return
-    name = next(n for n, m in model.named_modules() if m is head).rsplit(".", 1)[-1]
     if name not in lora.modules_to_save:
         raise UserError(f"lora.trained_tokens: the LM head of {recipe.model.name_or_path} has a bias, which peft's "
                         f"trainable tokens drop; add {name} to lora.modules_to_save to train the head in full")
+
+
+def training_loss(recipe: Recipe, shape: ModelShape) -> str:
+    """How `train` computes the loss, in one line (qlora.loss, or the model's own forward, and the objective
+    SFTTrainer defines from train.extra); UserError for an objective it would not train as written."""
+    extra = recipe.train.extra
+    dft, smoothing = extra.get("loss_type") == "dft", extra.get("label_smoothing_factor", 0.0)
+    if dft and smoothing:
+        raise UserError("train.extra: loss_type dft and label_smoothing_factor together, but TRL trains dft without "
+                        "smoothing; remove one")
+    # the auxiliary loss as SFTTrainer enables it: the config's coefficient unless train.extra sets one
+    coef = extra.get("router_aux_loss_coef")
+    if coef and shape.router_aux_loss_coef is None:
+        raise UserError(f"train.extra.router_aux_loss_coef: {shape.class_name} is not a Mixture-of-Experts model "
+                        "returning router logits; remove it")
+    aux = shape.router_aux_loss_coef if coef is None else coef
+    objective = ("dft" if dft else f"label smoothing {smoothing:g}" if smoothing else "cross-entropy") + (
+        f" + router auxiliary loss x {aux:g}" if aux else "")
+    if shape.loss_fallback is None:
+        return f"qlora's at trained positions only (proven equal to {shape.class_name}'s own): {objective}"
+    if dft or smoothing:
+        key = "loss_type: dft" if dft else "label_smoothing_factor"
+        raise UserError(f"train.extra.{key}: only qlora's loss computes it, and {shape.loss_fallback}; remove it")
+    return f"{shape.class_name}'s own forward with labels (full logits): {objective}; {shape.loss_fallback}"
 
 
 def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int | None = None,
@@ -253,6 +286,7 @@ class Preflight:
     fingerprint: str  # of the training and eval rows
     keep: list[Path]  # local paths the run reads, which --overwrite must never delete
     plan: RunPlan
+    loss: str  # how train computes the loss (training_loss)
 
 
 def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
@@ -270,12 +304,14 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     tokenizer = load_tokenizer(model)
     add_trained_tokens(tokenizer, recipe.lora.trained_tokens)
     shape = model_shape(recipe)
+    loss = training_loss(recipe, shape)
     keep = [Path(p) for p in (data.path, data.eval_path) if p and is_local_path(p)]
     keep += [Path(model.name_or_path)] if Path(model.name_or_path).is_dir() else []
     refuse_if_locked(Path(recipe.train.output_dir))
     fingerprint = data_fingerprint(rows, eval_rows)
     plan = plan_run(recipe, fingerprint, overwrite, keep)
-    return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan)
+    return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan,
+                     loss)
 
 
 def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckReport:
@@ -307,7 +343,8 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         data=report,
         errors=errors,
         resolved={"device": device_description(), "compute_dtype": recipe.quantization.compute_dtype,
-                  "optimizer": recipe.train.optimizer, "attn_implementation": recipe.model.attn_implementation},
+                  "optimizer": recipe.train.optimizer, "attn_implementation": recipe.model.attn_implementation,
+                  "loss": pre.loss},
         length_stats={"min": ordered[0], "median": statistics.median(ordered),
                       "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]},
         histogram=histogram(lengths),
@@ -330,6 +367,7 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     d, stats, r = report.data, report.length_stats, report.resolved
     console.print(f"[bold]device[/] {r['device']}: compute {r['compute_dtype']}, optimizer {r['optimizer']}, "
                   f"attention {r['attn_implementation']}")
+    console.print(f"[bold]loss[/] {escape(r['loss'])}", highlight=False)
     console.print(f"[bold]data[/] {d.source}: {d.rows_total} rows, {d.rows_total - d.invalid_count} valid"
                   + (f", {escape(d.invalid_summary())}" if d.invalid else ""))
     console.print(f"tokens per example: min {stats['min']}, median {stats['median']:g}, p95 {stats['p95']}, "

@@ -25,7 +25,7 @@ from trl import SFTTrainer
 from qlora import distributed
 from qlora.errors import RunFailed
 from qlora.files import publish_dir, tmp_sibling
-from qlora.loss import add_trained_token_loss, fusable_head
+from qlora.loss import Objective, add_trained_token_loss
 from qlora.rundir import (OPTIMIZER_JSON, OPTIMIZER_TENSORS, RNG_JSON, RNG_TENSORS, SCALER_JSON, SCHEDULER_JSON,
                           TRAINER_STATE_JSON, complete_checkpoints)
 
@@ -128,6 +128,9 @@ class QLoRATrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.overflows = 0  # fp16 loss-scale overflows in a row
         self.adapter_to_float32()
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if hasattr(base, "router_aux_loss_coef"):  # SFTTrainer set the config's; the forward reads its own copy
+            base.router_aux_loss_coef = self.router_aux_loss_coef
 
     def adapter_to_float32(self):
         """SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as float32, so the two runs
@@ -206,14 +209,16 @@ class QLoRATrainer(SFTTrainer):
         set_rng_state(load_state(*(files if files[0].is_file() else rng_files(Path(checkpoint), 0))))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The loss scored only at trained positions (qlora.loss), for the usual frozen plain LM head; TRL's fused head
-        otherwise (a head with LoRA or trained in full), and wherever the caller wants the model's outputs."""
+        """The loss SFTTrainer defines (loss_type, label_smoothing_factor, the router's auxiliary loss), computed by
+        qlora.loss: scored only at trained positions where that is proven equal to the model's own loss, by the model's
+        own forward with labels otherwise; TRL's wherever the caller wants the model's outputs."""
+        if return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)  # from under DDP
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        if fusable_head(base) is None or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         add_trained_token_loss(base)
-        total, count = model(**inputs, qlora_loss=True)
+        objective = Objective(dft=self.args.loss_type == "dft", label_smoothing=self.args.label_smoothing_factor)
+        total, count = model(**inputs, qlora_loss=objective)
         if num_items_in_batch is None:
             return total / count.clamp(min=1)
         # like the trainer's own loss: summed over the micro-batch, divided by the trained tokens of the whole
