@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import ROW, ROW_WITH_INPUT, snapshot
 from qlora.cli import app
+from qlora.generate import row_line
 
 
 @dataclass
@@ -66,6 +67,15 @@ def recipe_text(text):
     return lambda w: [write_recipe(w, text=text)]
 
 
+def recipe_plus(text):
+    """The good recipe with `text` appended as a user types it (YAML)."""
+    return lambda w: [write_recipe(w, text=yaml.safe_dump(w.recipe) + text)]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+LONG_INTEGER = "1" * 5001  # over the 4300 digits int() reads
+
+
 GOOD = [ROW, ROW_WITH_INPUT]
 NOT_A_RUN = "notes.txt"
 
@@ -77,8 +87,23 @@ RECIPE_CASES = [
     ("recipe-latin1", lambda w: [data_file("r.yaml", "model: {name_or_path: caf\u00e9}".encode("latin-1"))], "r.yaml"),
     ("recipe-bad-yaml", recipe_text("model: [unclosed\n"), "recipe.yaml"),
     ("recipe-duplicate-section", recipe_text("train: {output_dir: a}\ntrain: {output_dir: b}\n"), "train"),
-    ("recipe-duplicate-nested-key", lambda w: [write_recipe(w, text=yaml.safe_dump(w.recipe) + "lora:\n  r: 8\n  r: 16\n")],
-     "r"),
+    ("recipe-duplicate-nested-key", recipe_plus("lora:\n  r: 8\n  r: 16\n"), "r"),
+    ("recipe-merge-key-from-an-unknown-key", recipe_plus("base: &b {r: 8}\nlora: {<<: *b}\n"), "unknown key base"),
+    ("recipe-merge-key-not-a-mapping", recipe_plus("lora: {<<: 8}\n"), "merge key <<"),
+    ("recipe-merge-key-twice", recipe_plus("lora:\n  <<: {r: 8}\n  <<: {alpha: 8}\n"), "duplicate key '<<'"),
+    ("recipe-complex-key", recipe_plus("lora:\n  ? [r, alpha]\n  : 8\n"), "line"),
+    ("recipe-number-key", recipe_plus("lora: {16: r}\n"), "'16'"),
+    ("recipe-alias-inside-itself", recipe_plus("lora: &l {modules_to_save: *l}\n"), "*l"),
+    ("recipe-deep-yaml", recipe_plus(f"lora: {{modules_to_save: {DEEP}}}\n"), "line"),
+    ("recipe-deep-json", recipe_text('{"model": ' + DEEP + "}"), "line"),
+    ("recipe-5001-digit-integer", recipe_plus(f"lora: {{r: {LONG_INTEGER}}}\n"), "5001 digits"),
+    ("recipe-sexagesimal", recipe_plus("lora: {r: 1:30}\n"), "lora.r"),
+    ("recipe-octal-looking", recipe_plus("lora: {r: 0755}\n"), "lora.r"),
+    ("recipe-underscored-number", recipe_plus("lora: {r: 1_6}\n"), "lora.r"),
+    ("recipe-yes-for-a-boolean", recipe_plus("lora: {use_rslora: yes}\n"), "lora.use_rslora"),
+    ("recipe-liger-on-not-installed",  # `on` is the documented string, not YAML 1.1's True: refused for what it is
+     lambda w: [write_recipe(w, text=yaml.safe_dump(w.recipe).replace("train:\n", "train:\n  liger: on\n"))],
+     "train.liger: on"),
     ("recipe-a-list", recipe_text("- model\n- data\n"), "recipe.yaml"),
     ("recipe-python-tag", recipe_text("model: !!python/object/apply:os.system ['true']\n"), "recipe.yaml"),
     ("recipe-empty", recipe_text(""), "recipe.yaml"),
@@ -132,6 +157,11 @@ RECIPE_CASES = [
     ("data-json-object", with_data("d.json", {"rows": GOOD}), "d.json"),
     ("data-bad-json", with_data("d.json", b'[{"instruction": "x",'), "d.json"),
     ("data-bad-jsonl-line", with_data("d.jsonl", (json.dumps(ROW) + "\n{oops}\n").encode()), "line 2"),
+    ("data-deep-json", with_data("d.json", DEEP.encode()), "d.json"),
+    ("data-deep-jsonl", with_data("d.jsonl", (json.dumps(ROW) + "\n" + DEEP + "\n").encode()), "line 2"),
+    ("data-5001-digit-integer-json", with_data("d.json", f"[{LONG_INTEGER}]".encode()), "d.json"),
+    ("data-5001-digit-integer-jsonl",
+     with_data("d.jsonl", (json.dumps(ROW) + f'\n{{"id": {LONG_INTEGER}}}\n').encode()), "line 2"),
     ("data-binary-csv", with_data("d.csv", b"instruction,output\n\0\0\xff\xfe"), "d.csv"),
     ("data-latin1-csv", with_data("d.csv", "instruction,output\ncaf\u00e9,x\n".encode("latin-1")), "d.csv"),
     ("data-empty-list", with_data("d.json", []), "d.json"),
@@ -185,6 +215,11 @@ RECIPE_CASES = [
     ("set-string-lr", lambda w: [write_recipe(w), "--set", "train.learning_rate=abc"], "train.learning_rate"),
     ("set-bad-yaml", lambda w: [write_recipe(w), "--set", "lora.target_modules=[q_proj"], "lora.target_modules"),
     ("set-unknown-key", lambda w: [write_recipe(w), "--set", "train.epoch=2"], "train.epoch"),
+    ("set-sexagesimal", lambda w: [write_recipe(w), "--set", "lora.r=1:30"], "lora.r"),
+    ("set-yes-for-a-boolean", lambda w: [write_recipe(w), "--set", "lora.use_rslora=yes"], "lora.use_rslora"),
+    ("set-deep", lambda w: [write_recipe(w), "--set", f"lora.modules_to_save={DEEP}"], "lora.modules_to_save"),
+    ("set-5001-digit-integer", lambda w: [write_recipe(w), "--set", f"lora.r={LONG_INTEGER}"], "lora.r"),
+    ("set-complex-key", lambda w: [write_recipe(w), "--set", "train.extra={? [a, b]: 1}"], "train.extra"),
 ]
 
 
@@ -247,6 +282,18 @@ OTHER_CASES = [
      lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file",
                 data_file("out.jsonl", (json.dumps({"instruction": "Other.", "generation": "x"}) + "\n").encode())],
      "out.jsonl"),
+    ("generate-output-one-line-without-newline", "generate",  # a user's file: never cut (issue 28)
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file",
+                data_file("results.json", b'{"accuracy": 0.93}')], "results.json line 1"),
+    ("generate-output-cut-line-of-another-row", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file",
+                data_file("out.jsonl", b'{"instruction": "Other')], "out.jsonl line 1"),
+    ("generate-output-line-past-the-last-row", "generate",
+     lambda w: [str(w.run), "--input-file", data_file("in.jsonl", PROMPT), "--output-file",
+                data_file("out.jsonl", (row_line(json.loads(PROMPT), "x") + "\n{").encode())], "out.jsonl line 2"),
+    ("generate-input-deep", "generate", prompts_file((DEEP + "\n").encode()), "in.jsonl line 1"),
+    ("generate-input-5001-digit-integer", "generate",
+     prompts_file(PROMPT + f'{{"instruction": "x", "id": {LONG_INTEGER}}}\n'.encode()), "in.jsonl line 2"),
     ("merge-not-a-run", "merge", lambda w: [Path("adir").mkdir() or "adir", "--output", "m"], "adir"),
     ("merge-output-is-the-run", "merge", lambda w: [str(w.run), "--output", str(w.run), "--overwrite"], "--output"),
     ("merge-output-holds-the-run", "merge", lambda w: [str(w.run), "--output", str(w.run.parent), "--overwrite"],
@@ -288,6 +335,13 @@ OTHER_CASES = [
     ("eval-problems-unknown-format", "eval",
      lambda w: [str(w.run), "--problems", data_file("p.jsonl", b'{"question": "x"}\n'), "--out", "o",
                 "--allow-code-execution"], "row 0"),
+    ("eval-problems-deep", "eval",
+     lambda w: [str(w.run), "--problems", data_file("p.jsonl", DEEP.encode()), "--out", "o", "--allow-code-execution"],
+     "p.jsonl line 1"),
+    ("eval-samples-5001-digit-integer", "eval",
+     lambda w: ["--problems", str(PROBLEMS), "--samples",
+                data_file("s.jsonl", f'{{"task_id": {LONG_INTEGER}, "completion": ""}}\n'.encode()), "--out", "o",
+                "--allow-code-execution"], "s.jsonl line 1"),
     ("eval-samples-unknown-task", "eval",
      lambda w: ["--problems", str(PROBLEMS), "--samples",
                 data_file("s.jsonl", b'{"task_id": "nope", "completion": ""}\n'), "--out", "o",

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import recipe_for
 from qlora.cli import app
 from qlora.errors import UserError
-from qlora.evaluate import extract_code, pass_at_k, read_problems
+from qlora.evaluate import extract_code, pass_at_k, read_done, read_problems
 from qlora.train import train
 
 PROBLEMS = Path(__file__).resolve().parents[1] / "src" / "qlora" / "sample_data" / "eval_problems.jsonl"
@@ -88,7 +88,34 @@ def test_nothing_runs_without_the_opt_in(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["eval", "--problems", str(PROBLEMS), "--samples", str(samples),
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.stderr
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["pass@1"] == 1.0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["pass@1"] == 0.25  # 1 of the 4 problems
+
+
+def test_problems_without_samples_are_scored_as_failed_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_ALLOW_CODE_EVAL", "1")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "qlora/0", "completion": "    return a + b\n"}) + "\n")
+    result = CliRunner().invoke(app, ["eval", "--problems", str(PROBLEMS), "--samples", str(samples),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["pass@1"], summary["problems"], summary["without_samples"]) == (0.25, 4, 3)  # 1 of 4, not 1.0
+    assert "3 of 4 problems have no samples, scored as failed" in result.stderr
+    assert re.search(r"pass@1\s+.\s+0\.250", result.stdout) and re.search(r"problems\s+.\s+4", result.stdout)
+
+
+@pytest.mark.parametrize("tail, kept", [(b'{"model": "ru', True), (b'{"accuracy": 0.93}', False)])
+def test_a_samples_line_cut_short_is_dropped_only_when_it_is_a_sample(tmp_path, tail, kept):
+    path = tmp_path / "samples.jsonl"
+    whole = json.dumps({"model": "run", "task_id": "qlora/0", "sample": 0, "completion": "", "result": "failed",
+                        "error": "x"}) + "\n"
+    path.write_bytes(whole.encode() + tail)
+    if kept:
+        assert read_done(path) == [json.loads(whole)] and path.read_text() == whole
+    else:
+        with pytest.raises(UserError, match="line 2 has no newline and is not the start of a line this command writes"):
+            read_done(path)
+        assert path.read_bytes() == whole.encode() + tail
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import pytest
 from conftest import ROW, ROW_WITH_INPUT
 from qlora.config import GenerationSection
 from qlora.errors import RunInterrupted, UserError
-from qlora.generate import StopAwareStreamer, chat, generate, generate_file, load_run, read_prompt_rows
+from qlora.files import complete_lines
+from qlora.generate import (StopAwareStreamer, chat, cut_from_rows, generate, generate_file, load_run,
+                             read_prompt_rows, row_line, rows_already_written)
 
 GREEDY = GenerationSection(max_new_tokens=60)
 
@@ -108,7 +110,7 @@ def test_an_interrupted_batch_file_keeps_its_rows_and_the_same_command_continues
     with pytest.raises(RunInterrupted, match=f"4 of 5 rows are in {out}; run the same command"):
         generate_file(loaded, source, rows, out, GREEDY, 2)
     with out.open("a") as f:
-        f.write('{"instruction": "cut sh')  # and a crash in the middle of the next line
+        f.write(row_line(rows[4], ROW["output"])[:60])  # and a crash in the middle of the next line
     calls.clear()
     assert generate_file(loaded, source, rows, out, GREEDY, 2) == (1, 4)
     assert calls == [1]  # only the missing row was generated
@@ -138,3 +140,53 @@ def test_a_finished_output_file_is_left_alone_without_loading_a_model(tmp_path):
     result = cli(tmp_path / "no-run", "--input-file", source, "--output-file", out)  # no model anywhere
     assert result.returncode == 0 and "all 1 rows are already in" in result.stderr
     assert out.read_text() == json.dumps({**ROW, "generation": "x"}) + "\n"
+
+
+CUT_ROWS = [{"instruction": "Écris \"ça\"", "id": 0}, {"instruction": "Tab\there", "generation": "old", "n": [1, 2]}]
+CUT_GENERATIONS = ["déjà vu \U0001F600 \"quoted\" back\\slash\nnew line \x01 \u2028", ""]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_its_own_line_cut_at_any_byte_is_recognised_and_only_it_is_cut(tmp_path, index):
+    """A crash can cut the last line anywhere, even inside a character or an escape: every such cut is proven to be
+    this command's own (the start of what it writes for that row) and cut off; the whole lines stay."""
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in CUT_ROWS))
+    whole = "".join(row_line(r, g) + "\n" for r, g in zip(CUT_ROWS[:index], CUT_GENERATIONS)).encode()
+    line = (row_line(CUT_ROWS[index], CUT_GENERATIONS[index]) + "\n").encode()
+    for cut in range(1, len(line)):
+        out.write_bytes(whole + line[:cut])
+        assert rows_already_written(out, source, CUT_ROWS) == index and out.read_bytes() == whole + line[:cut]
+        complete_lines(out, "--output-file", cut_from_rows(CUT_ROWS))
+        assert out.read_bytes() == whole
+
+
+@pytest.mark.parametrize("content", [
+    b'{"accuracy": 0.93}',  # a user's one-line file: the issue's report
+    "".join(row_line(r, "x") + "\n" for r in CUT_ROWS).encode() + b'{"instr',  # a line past the last row
+    (row_line(CUT_ROWS[0], "x") + "\n" + row_line(CUT_ROWS[0], "x")[:30]).encode(),  # the wrong row's start
+    (row_line(CUT_ROWS[0], "x") + "\n" + "  ").encode(),
+    row_line(CUT_ROWS[0], "x").encode()[:-1] + b', "extra": 1}',  # more than a generation after the fields
+    row_line(CUT_ROWS[0], "x").encode()[:-4] + b"\xff\xfe",  # not UTF-8 where a character is cut
+    row_line(CUT_ROWS[0], "x\ty").encode()[:-6] + b"\t",  # a raw tab, which json.dumps escapes
+])
+def test_a_last_line_this_command_did_not_write_is_refused_and_the_file_left_byte_identical(tmp_path, content):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in CUT_ROWS))
+    out.write_bytes(content)
+    for check in (lambda: rows_already_written(out, source, CUT_ROWS),
+                  lambda: generate_file(None, source, CUT_ROWS, out, GREEDY)):  # refused before any model is used
+        with pytest.raises(UserError, match=r"--output-file: .*out.jsonl line \d+ has no newline and is not the start"):
+            check()
+        assert out.read_bytes() == content
+
+
+def test_a_users_one_line_file_survives_the_command(tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "results.json"
+    source.write_text(json.dumps(ROW) + "\n")
+    out.write_bytes(b'{"accuracy": 0.93}')
+    result = cli(tmp_path / "no-run", "--input-file", source, "--output-file", out)
+    assert result.returncode == 2 and out.read_bytes() == b'{"accuracy": 0.93}'
+    assert result.stderr.splitlines() == [f"error: --output-file: {out} line 1 has no newline and is not the start of "
+                                          "a line this command writes, so the file is not its earlier output and is "
+                                          "left as it is; name another file"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from qlora.config import DataSection
 from qlora.errors import UserError, one_line
-from qlora.files import read_jsonl, read_text
+from qlora.files import parse_json, read_jsonl, read_text
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross-entropy's ignore_index)
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -372,12 +372,7 @@ def is_local_path(path: str) -> bool:
 def _read_json(path: Path, what: str) -> list[Any]:
     if path.suffix == ".jsonl":
         return [row for _, row in read_jsonl(path, what)]
-    text = read_text(path, what)
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what}: {path} line {exc.lineno} is not valid JSON ({exc.msg}); use .jsonl for JSON "
-                        "lines") from None
+    rows = parse_json(read_text(path, what), what, path, hint="; use .jsonl for JSON lines")
     if not isinstance(rows, list):
         raise UserError(f"{what}: {path} holds a JSON {type(rows).__name__}; expected a list of rows")
     return rows

@@ -132,7 +132,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def summarize(results: list[dict[str, Any]], problems: list[Problem], ks: list[int]) -> dict[str, Any]:
-    """pass@k over the problems (for each k that every problem has enough samples for) and the outcome counts."""
+    """pass@k over all the problems (for each k that every problem with samples has enough samples for), a problem
+    without samples counted as failed (pass@k 0), and the outcome counts."""
     by_task: dict[str, list[bool]] = {p.task_id: [] for p in problems}
     for r in results:
         by_task[r["task_id"]].append(r["result"] == "passed")
@@ -140,8 +141,9 @@ def summarize(results: list[dict[str, Any]], problems: list[Problem], ks: list[i
     summary: dict[str, Any] = {}
     for k in ks:
         if counts and all(n >= k for n, _ in counts):
-            summary[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
-    summary["problems"] = len(counts)
+            summary[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts) / len(problems)
+    summary["problems"] = len(problems)
+    summary["without_samples"] = len(problems) - len(counts)
     summary["samples"] = len(results)
     summary["outcomes"] = {o: sum(r["result"] == o for r in results) for o in ("passed", "failed", "timed out")}
     return summary
@@ -180,11 +182,20 @@ def prepare_out_dir(out: Path) -> None:
     write_marker(out, "eval")
 
 
+SAMPLE_START = '{"model": "'  # how each line append() writes begins
+
+
+def started_sample(line: str, _whole: int) -> bool:
+    """complete_lines' proof for samples.jsonl (in a directory eval's marker claims): a line cut short must be the
+    start of a sample line."""
+    return line.startswith(SAMPLE_START) or SAMPLE_START.startswith(line)
+
+
 def read_done(path: Path) -> list[dict[str, Any]]:
     """The samples an earlier run of the command wrote (a last line cut short by a crash is dropped)."""
     if not path.exists():
         return []
-    return [json.loads(line) for _, line in jsonl_lines(complete_lines(path, "--out"))]
+    return [json.loads(line) for _, line in jsonl_lines(complete_lines(path, "--out", started_sample))]
 
 
 def append(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -261,8 +272,13 @@ def score_samples(rows: list[dict[str, Any]], problems: list[Problem], out: Path
     scored = execute(items, {p.task_id: p for p in problems}, style, limits, workers)
     # scoring is deterministic: each command scores the given file afresh
     write_atomic(out / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
-    summary = summarize(scored, [p for p in problems if p.task_id in counters], ks) | {"style": style}
+    summary = summarize(scored, problems, ks) | {"style": style}
     write_json(out / SUMMARY_FILE, summary)
+    if summary["without_samples"]:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(
+            f"{summary['without_samples']} of {len(problems)} problems have no samples, scored as failed")
     return summary
 
 

@@ -7,10 +7,13 @@ list of rows (as `datasets` and pandas index them).
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Callable
 
 from qlora.errors import UserError
 
@@ -24,14 +27,23 @@ def read_text(path: Path, what: str) -> str:
     A binary file or one in another encoding is refused with one line naming the file and the fix.
     """
     path = Path(path)
+    return decode_text(read_bytes(path, what), path, what)
+
+
+def read_bytes(path: Path, what: str) -> bytes:
+    """A user's file's bytes; a directory, a missing or unreadable file is one line naming it."""
     if path.is_dir():
         raise UserError(f"{what}: {path} is a directory, not a file")
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path} (relative to {Path.cwd()})")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise UserError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def decode_text(data: bytes, path: Path, what: str) -> str:
+    """The bytes of `path` as UTF-8 text (read_text's rules)."""
     if b"\0" in data[:BINARY_PROBE]:
         raise UserError(f"{what}: {path} is a binary file, not text; give the {path.suffix or 'text'} file itself")
     try:
@@ -48,16 +60,25 @@ def jsonl_lines(text: str) -> list[tuple[int, str]]:
     return [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
+def parse_json(text: str, what: str, path: Path, line: int | None = None, hint: str = "") -> object:
+    """JSON `text`: line `line` of `path`, or (None) the whole file. Text that is not JSON (`hint` added), or that
+    Python's parser cannot hold (arrays nested thousands deep, an integer of more digits than int() reads), is one
+    line naming the file and line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        line, problem = (line or 1) + exc.lineno - 1, f"is not valid JSON ({exc.msg}){hint}"
+    except RecursionError:
+        problem = "nests arrays or objects deeper than Python's JSON parser can follow"
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        problem = f"holds an integer of more than {sys.get_int_max_str_digits()} digits"
+    raise UserError(f"{what}: {path}" + (f" line {line}" if line else "") + f" {problem}")
+
+
 def read_jsonl(path: Path, what: str) -> list[tuple[int, object]]:
     """(1-based line number, parsed value) of every non-blank line of a .jsonl file; one line naming the file and
     line for text that is not JSON."""
-    values = []
-    for number, line in jsonl_lines(read_text(path, what)):
-        try:
-            values.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{what}: {path} line {number} is not valid JSON ({exc.msg})") from None
-    return values
+    return [(number, parse_json(line, what, path, number)) for number, line in jsonl_lines(read_text(path, what))]
 
 
 def fsync(path: Path) -> None:
@@ -90,14 +111,28 @@ def write_json(path: Path, value) -> None:
     write_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
-def complete_lines(path: Path, what: str) -> str:
-    """The text of a line-per-record file an interrupted command appended to, without a last line cut short by a
-    crash, which is also cut from the file so appending goes on after the last whole line."""
-    text = read_text(path, what)
-    complete = text[: text.rfind("\n") + 1]
-    if len(complete) != len(text):
-        with path.open("r+", encoding="utf-8") as f:
-            f.truncate(len(complete.encode()))
+def complete_lines(path: Path, what: str, wrote: Callable[[str, int], bool], cut: bool = True) -> str:
+    """The text of a line-per-record file a command appends to, up to its last newline.
+
+    A last line without one was cut short by a crash of its writer: it is cut from the file, so appending goes on
+    after the last whole line (cut=False: only checked), when `wrote(line, whole records before it)` proves this
+    command wrote it; otherwise the file is refused in one line and left as it is.
+    """
+    data = read_bytes(path, what)
+    end = data.rfind(b"\n") + 1
+    complete = decode_text(data[:end], path, what)
+    if end < len(data):
+        try:
+            line = codecs.getincrementaldecoder("utf-8")().decode(data[end:])  # drops a character cut in two
+        except UnicodeDecodeError:
+            line = None
+        if line is None or not wrote(line, len(jsonl_lines(complete))):
+            raise UserError(f"{what}: {path} line {complete.count(chr(10)) + 1} has no newline and is not the start "
+                            "of a line this command writes, so the file is not its earlier output and is left as it "
+                            "is; name another file")
+        if cut:
+            with path.open("r+b") as f:
+                f.truncate(end)
     return complete
 
 

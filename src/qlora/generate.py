@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Callable, TextIO
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import RunInterrupted, UserError
-from qlora.files import complete_lines, jsonl_lines, read_jsonl, read_text
+from qlora.files import complete_lines, jsonl_lines, read_jsonl
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
@@ -185,11 +186,35 @@ def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rows_already_written(out_path: Path, in_path: Path, rows: list[dict[str, Any]]) -> int:
-    """How many of `rows` an earlier run of the same command wrote to `out_path` (checked before a model loads).
+def row_line(row: dict[str, Any], generation: str) -> str:
+    """The line generate_file writes for `row`: its fields, then `generation` last (replacing a field of that name)."""
+    return json.dumps({**{k: v for k, v in row.items() if k != "generation"}, "generation": generation},
+                      ensure_ascii=False)
 
-    Those lines must be the first rows with a `generation` added; a last line cut short by a crash is not
-    counted (it is regenerated). Anything else is refused, so another file is never appended to.
+
+# a JSON string as json.dumps writes it, cut anywhere (even inside an escape), or whole and followed by the row's `}`
+STRING_CUT_SHORT = re.compile(r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-f]{4})*(?:\\(?:u[0-9a-f]{0,3})?|"}?)?')
+
+
+def cut_from_rows(rows: list[dict[str, Any]]) -> Callable[[str, int], bool]:
+    """complete_lines' proof for --output-file: a line cut short must be the start of the line this command writes
+    for the row after the whole ones, with any generated text."""
+    def wrote(line: str, whole: int) -> bool:
+        if whole >= len(rows):
+            return False
+        fields = row_line(rows[whole], "")[:-3]  # up to `"generation": `, where the generated text starts
+        if len(line) <= len(fields):
+            return fields.startswith(line)
+        return line.startswith(fields) and STRING_CUT_SHORT.fullmatch(line, len(fields)) is not None
+    return wrote
+
+
+def rows_already_written(out_path: Path, in_path: Path, rows: list[dict[str, Any]]) -> int:
+    """How many of `rows` an earlier run of the same command wrote to `out_path` (checked before a model loads,
+    changing nothing).
+
+    Those lines must be the first rows with a `generation` added; a last line cut short by a crash must be the start
+    of the next one (it is regenerated). Anything else is refused, so another file is never appended to or cut.
     """
     if out_path.is_dir():
         raise UserError(f"--output-file: {out_path} is a directory; name a .jsonl file")
@@ -201,16 +226,14 @@ def rows_already_written(out_path: Path, in_path: Path, rows: list[dict[str, Any
         raise UserError(f"--output-file: {out_path} is the --input-file; name another file")
     if not out_path.exists():
         return 0
-    text = read_text(out_path, "--output-file")
-    complete = text[: text.rfind("\n") + 1]  # a line without its newline was cut short
-    written = jsonl_lines(complete)
+    written = jsonl_lines(complete_lines(out_path, "--output-file", cut_from_rows(rows), cut=False))
     for index, (number, line) in enumerate(written):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or JSON Python will not read
             row = None
-        same = (isinstance(row, dict) and index < len(rows) and "generation" in row
-                and {k: v for k, v in row.items() if k != "generation"} == rows[index])
+        same = (isinstance(row, dict) and index < len(rows) and isinstance(row.get("generation"), str)
+                and row == {**rows[index], "generation": row["generation"]})
         if not same:
             raise UserError(f"--output-file: {out_path} line {number} is not row {index} of {in_path} with its "
                             "generation, so it is not this command's earlier output; name another file")
@@ -224,8 +247,8 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
     from rich.progress import Progress
 
     done = rows_already_written(out_path, in_path, rows)
-    if out_path.exists():
-        complete_lines(out_path, "--output-file")
+    if out_path.exists():  # checked again as it is cut: the file may have changed while the model loaded
+        complete_lines(out_path, "--output-file", cut_from_rows(rows))
     written = 0
     try:
         with out_path.open("a", encoding="utf-8") as out, Progress(console=console) as progress:
@@ -234,8 +257,7 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
                 batch = rows[start:start + batch_size]
                 texts = generate(loaded, [(r["instruction"], r.get("input") or "") for r in batch], sampling,
                                  batch_size)
-                out.write("".join(json.dumps({**r, "generation": t}, ensure_ascii=False) + "\n"
-                                  for r, t in zip(batch, texts)))
+                out.write("".join(row_line(r, t) + "\n" for r, t in zip(batch, texts)))
                 out.flush()
                 os.fsync(out.fileno())
                 written += len(batch)
