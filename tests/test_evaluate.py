@@ -4,6 +4,7 @@ pass@1 = 1.0 against its base's lower score, with held-out loss, in the real com
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import recipe_for
+from conftest import recipe_for, snapshot
 from qlora.cli import app
 from qlora.errors import UserError
 from qlora.evaluate import extract_code, pass_at_k, read_done, read_problems
@@ -158,6 +159,30 @@ def test_the_run_passes_its_problems_and_beats_its_base_and_resumes(memorised, t
     lines = (out / "samples.jsonl").read_text()
     again = qlora_eval(*args)
     assert again.returncode == 0 and (out / "samples.jsonl").read_text() == lines
+
+    # an eval of another model, problems file or sampling into the same --out is refused before a model loads, and
+    # the eval there is left as it is (it was reported as the other run's scores, or a KeyError)
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other)
+    with open(other / "adapter/adapter_model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(PROBLEMS.read_text().splitlines(keepends=True)[:3]))
+    samples_file = tmp_path / "given.jsonl"
+    samples_file.write_text(json.dumps({"task_id": "qlora/0", "completion": "pass"}) + "\n")
+    before = snapshot(out)
+    for changed, named in (([other, *args[1:]], "weights sha256"), ([*args[:2], fewer, *args[3:]], "problems sha256"),
+                           ([*args[:-4], "--temperature", "0.7", "--max-new-tokens", "100"], "temperature 0.0 there, "
+                                                                                            "0.7 now"),
+                           (["--samples", samples_file, *args[1:5], "--allow-code-execution"], "samples sha256")):
+        refused = qlora_eval(*changed)
+        lines = refused.stderr.splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and f"--out: {out} holds the eval of {run}" in lines[0] \
+            and named in lines[0], refused.stderr
+    assert snapshot(out) == before
 
 
 def test_held_out_loss_is_lower_with_the_adapter(memorised, tmp_path):

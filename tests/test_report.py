@@ -46,6 +46,15 @@ def test_png_and_html_reports_of_a_run_and_of_two(memorised_run, tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert text.count("<table>") == 2 and "pass@1" in text
 
+    # run again, each report is replaced; a file qlora did not write at --output is refused and left as it is
+    assert report([run], None)[0] == path and report([run, memorised_run], page)[0] == page
+    for name, content in (("theirs.png", path.read_bytes().replace(b"qlora report", b"their report")),
+                          ("notes.html", b"<html>my notes</html>")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=f"--output: {tmp_path / name} exists and is not a report qlora wrote"):
+            report([run], tmp_path / name)
+        assert (tmp_path / name).read_bytes() == content
+
 
 @pytest.mark.parametrize("output, message", [
     (None, "--output is needed with several runs"),

@@ -3,6 +3,7 @@ checkpoint, a run in use is locked, --overwrite replaces only what qlora wrote, 
 `train` refuses, before anything is written."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from qlora.check import check
 from qlora.cli import app
 from qlora.errors import RunFailed, UserError
-from qlora.rundir import lock_holder
+from qlora.files import lock_holder
 from qlora.train import train
 
 
@@ -86,7 +87,7 @@ def test_a_run_in_use_is_locked_until_its_process_dies_even_by_kill_9(make_recip
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert lock_holder(run) is None
+    assert lock_holder(run / ".lock") is None
     assert (train(recipe) / "adapter").is_dir()
 
 
@@ -170,3 +171,40 @@ def test_a_start_that_failed_before_training_does_not_block_the_corrected_recipe
     monkeypatch.undo()
     corrected = make_recipe(lora={"r": 8})
     assert (train(corrected) / "adapter").is_dir()
+
+
+def test_a_trained_run_without_adapter_or_checkpoints_is_refused_and_overwrite_keeps_what_train_did_not_write(
+        make_recipe, capsys):
+    recipe = make_recipe(train={"max_steps": 2})
+    run = train(recipe)
+    (run / "NOTES.md").write_text("what I tried\n")
+    (run / "eval").mkdir()
+    (run / "eval/summary.json").write_text('{"pass@1": 0.5}\n')
+    (run / "checkpoints/mine.txt").write_text("mine\n")
+    for name in ("adapter", "checkpoints/checkpoint-2"):
+        shutil.rmtree(run / name)
+    before = snapshot(run)
+    for command in (train, check):
+        with pytest.raises(UserError, match=r"holds a run that trained \(see its metrics.jsonl\) but has no adapter/ "
+                                            r"and no complete checkpoint to resume from; pass --overwrite"):
+            command(recipe)
+    assert snapshot(run) == before
+    train(recipe, overwrite=True)
+    assert "kept in " in capsys.readouterr().err
+    for name in ("NOTES.md", "eval/summary.json", "checkpoints/mine.txt"):
+        assert snapshot(run)[name] == before[name]
+    assert steps(run) == [2] and (run / "adapter").is_dir()
+
+
+def test_resume_removes_only_trains_own_leftovers(make_recipe):
+    recipe = make_recipe(train={"max_steps": 2})
+    run = train(recipe)
+    (run / ".adapter.tmp").mkdir()  # an adapter write cut short: train's own
+    (run / "checkpoints/.checkpoint-3.tmp").mkdir()
+    (run / ".merged.tmp").mkdir()  # a `merge --output RUN/merged` at work beside the run: not train's
+    (run / ".merged.tmp/model.safetensors").write_text("half")
+    (run / "checkpoints/notes.txt").write_text("mine\n")
+    kept = {k: v for k, v in snapshot(run).items() if k.startswith((".merged.tmp", "checkpoints/notes.txt"))}
+    train(with_train(recipe, max_steps=3))
+    assert not (run / ".adapter.tmp").exists() and not (run / "checkpoints/.checkpoint-3.tmp").exists()
+    assert {k: v for k, v in snapshot(run).items() if k in kept} == kept

@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from qlora import distributed
-from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
+from qlora.errors import RunFailed, RunInterrupted, UserError, interruptible, one_line
 from qlora.hub import check_repo_id, push
 
 app = typer.Typer(
@@ -55,6 +56,9 @@ def _run(action):
         if rank == 0:
             typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C where no command part says more (every write is atomic)
+        typer.echo("stopped: SIGINT", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -171,6 +175,7 @@ def generate(
     def body():
         from qlora import generate as g
         from qlora.config import GenerationSection, with_generation_overrides
+        from qlora.files import output_lock
 
         # every flag is checked before a model loads
         modes = sum([bool(prompt), chat, input_file is not None])
@@ -189,30 +194,36 @@ def generate(
         defaults = with_generation_overrides(GenerationSection(), flags)
         if stream or chat:
             g.check_streamable(defaults)
+        writing = nullcontext()
         if input_file is not None:
             rows = g.read_prompt_rows(input_file)
             if g.rows_already_written(output_file, input_file, rows) == len(rows):
                 typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
                 return
-        loaded = g.load_run(run)
-        sampling = with_generation_overrides(loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
-        if stream or chat:
-            g.check_streamable(sampling)  # the run's own num_beams
-        if input_file is not None:
-            written, before = g.generate_file(loaded, input_file, rows, output_file, sampling, batch_size)
-            typer.echo(f"wrote {written} rows to {output_file}" + (f" ({before} already there)" if before else ""),
-                       err=True)
-        elif chat:
-            g.chat(loaded, sampling)
-        elif stream:
-            for i, instruction in enumerate(prompt):
-                typer.echo("\n" if i else "", nl=False)
-                g.generate(loaded, [(instruction, input_)], sampling,
-                           streamer=g.StopAwareStreamer(loaded, sampling))
-                typer.echo("")
-        else:
-            texts = g.generate(loaded, [(p, input_) for p in prompt], sampling, batch_size)
-            typer.echo("\n\n".join(texts))
+            writing = output_lock(output_file, "generate", "--output-file")
+        kept = (f"the rows written so far are in {output_file}; run the same command to generate the rest"
+                if input_file is not None else "not every answer was printed")
+        with writing, interruptible(kept):
+            loaded = g.load_run(run)
+            sampling = with_generation_overrides(
+                loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
+            if stream or chat:
+                g.check_streamable(sampling)  # the run's own num_beams
+            if input_file is not None:
+                written, before = g.generate_file(loaded, input_file, rows, output_file, sampling, batch_size)
+                typer.echo(f"wrote {written} rows to {output_file}" + (f" ({before} already there)" if before else ""),
+                           err=True)
+            elif chat:
+                g.chat(loaded, sampling)
+            elif stream:
+                for i, instruction in enumerate(prompt):
+                    typer.echo("\n" if i else "", nl=False)
+                    g.generate(loaded, [(instruction, input_)], sampling,
+                               streamer=g.StopAwareStreamer(loaded, sampling))
+                    typer.echo("")
+            else:
+                texts = g.generate(loaded, [(p, input_) for p in prompt], sampling, batch_size)
+                typer.echo("\n\n".join(texts))
 
     _run(body)
 
@@ -259,7 +270,9 @@ def merge(
         check_shard_size(max_shard_size)
         if push_to_hub:
             check_repo_id(push_to_hub)
-        merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+        with interruptible(f"--output {output} was not written (its temporary directory is removed); run the same "
+                           "command again"):
+            merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
         if verify:
             report = verify_run(run, output, base, min_agreement=min_agreement)
             typer.echo(f"verify: {report.summary()}", err=True)
@@ -294,7 +307,9 @@ def export(
             raise UserError(f"--llama-cpp {llama_cpp}: no convert_hf_to_gguf.py there; give a llama.cpp checkout")
         if push_to_hub:
             check_repo_id(push_to_hub)
-        gguf, modelfile = export_run(run, output, outtype, llama_cpp, overwrite)
+        with interruptible(f"--output {output} was not written (its temporary directory is removed); run the same "
+                           "command again"):
+            gguf, modelfile = export_run(run, output, outtype, llama_cpp, overwrite)
         typer.echo(f"wrote {gguf} and {modelfile}; for Ollama: ollama create {run.resolve().name} -f {modelfile}",
                    err=True)
         if push_to_hub:
@@ -339,7 +354,7 @@ def eval_(
 
         from qlora import evaluate as ev
         from qlora.config import GenerationSection
-        from qlora.files import write_json
+        from qlora.files import output_lock, write_json
         from qlora.sandbox import Limits
 
         if problems is None and loss is None:
@@ -372,30 +387,38 @@ def eval_(
                 raise UserError("--out DIR is needed with --problems: samples.jsonl and summary.json go there")
             problem_list = ev.read_problems(problems)
             given = ev.read_completions(samples, problem_list) if samples is not None else None
+        writing = nullcontext()
         if out is not None:
-            ev.prepare_out_dir(out)
-        limits = Limits(seconds=timeout)
-        loaded = None
-        if run is not None:
-            from qlora.generate import load_run
-
-            loaded = load_run(run)
-            if compare_base and loaded.recipe is None:
-                raise UserError("--compare-base needs a run directory (4-bit base + adapter), not a merged model")
-        if problems is not None:
-            if given is not None:
-                summary = ev.score_samples(given, problem_list, out, ks, chosen, limits, workers)
-            else:
-                summary = ev.evaluate_run(loaded, problem_list, out, n, ks, sampling, chosen, compare_base, limits,
-                                          workers, batch_size, console)
-            print_eval_table(summary, ks)
-        if loss is not None:
-            result = ev.heldout_loss(loaded, loss)
+            ev.check_out_dir(out)
+            made = ev.made_of(run, samples, problems, chosen, sampling)
+            writing = output_lock(out, "eval", "--out")
+        kept = f"every sample scored so far is in {out}; the same command resumes" if out else "nothing was written"
+        with writing, interruptible(kept):
             if out is not None:
-                write_json(out / ev.LOSS_FILE, result)
-            typer.echo(f"held-out loss on {result['examples']} examples ({result['trained_tokens']} trained tokens): "
-                       f"run {result['run']['loss']:.4f} (perplexity {result['run']['perplexity']:.2f}), base "
-                       f"{result['base']['loss']:.4f} (perplexity {result['base']['perplexity']:.2f})")
+                ev.claim_out_dir(out, made)
+            limits = Limits(seconds=timeout)
+            loaded = None
+            if run is not None:
+                from qlora.generate import load_run
+
+                loaded = load_run(run)
+                if compare_base and loaded.recipe is None:
+                    raise UserError("--compare-base needs a run directory (4-bit base + adapter), not a merged "
+                                    "model")
+            if problems is not None:
+                if given is not None:
+                    summary = ev.score_samples(given, problem_list, out, ks, chosen, limits, workers)
+                else:
+                    summary = ev.evaluate_run(loaded, problem_list, out, n, ks, sampling, chosen, compare_base,
+                                              limits, workers, batch_size, console)
+                print_eval_table(summary, ks)
+            if loss is not None:
+                result = ev.heldout_loss(loaded, loss)
+                if out is not None:
+                    write_json(out / ev.LOSS_FILE, result)
+                typer.echo(f"held-out loss on {result['examples']} examples ({result['trained_tokens']} trained "
+                           f"tokens): run {result['run']['loss']:.4f} (perplexity {result['run']['perplexity']:.2f}), base "
+                           f"{result['base']['loss']:.4f} (perplexity {result['base']['perplexity']:.2f})")
 
     _run(body)
 
@@ -431,7 +454,8 @@ def report(
     def body():
         from qlora.report import report as write_report
 
-        path, summaries = write_report(runs, output)
+        with interruptible("the report was not written; run the same command again"):
+            path, summaries = write_report(runs, output)
         for facts in summaries:
             typer.echo(f"{facts.pop('run')}: " + "; ".join(f"{k} {v}" for k, v in facts.items()))
         typer.echo(f"wrote {path}", err=True)
@@ -477,7 +501,9 @@ def tiny(
     def body():
         from qlora.tiny import build_tiny_model
 
-        typer.echo(f"saved {build_tiny_model(arch, output, overwrite=overwrite)}", err=True)
+        with interruptible(f"{output} was not written (its temporary directory is removed); run the same command "
+                           "again"):
+            typer.echo(f"saved {build_tiny_model(arch, output, overwrite=overwrite)}", err=True)
 
     _run(body)
 

@@ -1,5 +1,10 @@
 """The exceptions the CLI turns into exit codes: 2 for user mistakes, 1 for failed runs, 128 + N after signal N."""
 
+import errno
+import signal
+import threading
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A bad recipe, flag or data file: the message names the key, file or row and the fix."""
@@ -20,3 +25,41 @@ class RunInterrupted(Exception):
 def one_line(exc: Exception) -> str:
     """An error as one line (library messages we quote can span several)."""
     return " ".join(str(exc).split())
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the command is (see `interruptible`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# a write the machine refused: a full disk or quota, a read-only filesystem, a file too large
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+@contextmanager
+def interruptible(kept: str):
+    """How a writing command stops early: SIGINT and SIGTERM stop it where it is (exit 130 / 143), and a write the
+    machine refuses (full disk, read-only) fails it (exit 1), each with one line saying what is `kept`. Every write
+    is atomic or appends whole lines, so the same command then resumes or restarts.
+
+    The handlers are installed explicitly: a job a non-interactive shell starts in the background inherits SIGINT
+    as ignored."""
+    def handle(signum, frame):
+        raise Signalled(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may handle signals
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    except Signalled as exc:
+        raise RunInterrupted(f"{signal.Signals(exc.signum).name}: {kept}", exc.signum) from None
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        raise RunFailed(f"cannot write {exc.filename or 'the output'}: {exc.strerror}; {kept}") from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -7,6 +7,7 @@ pass@k = 1 - C(n-c, k) / C(n, k), averaged over the problems.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UserError
-from qlora.files import complete_lines, jsonl_lines, read_jsonl, read_marker, write_atomic, write_json, write_marker
+from qlora.files import (complete_lines, jsonl_lines, read_jsonl, read_marker, sha256_file, write_atomic,
+                         write_json, write_marker)
 from qlora.sandbox import Limits, run_program
 
 EXECUTION_ENV = "QLORA_ALLOW_CODE_EVAL"
@@ -170,16 +172,52 @@ def check_execution_allowed(allowed: bool) -> None:
                         "not stop)")
 
 
-def prepare_out_dir(out: Path) -> None:
-    """--out is new, empty, or an earlier `qlora eval` output (which is resumed)."""
+def check_out_dir(out: Path) -> None:
+    """--out is new, empty, or an earlier `qlora eval` output (which is resumed); nothing is written yet."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file; name a directory")
     if out.is_dir() and any(out.iterdir()) and read_marker(out).get("written_by") != "eval":
         raise UserError(f"--out: {out} is not empty and not a `qlora eval` output; name a new directory")
     if not out.parent.is_dir():
         raise UserError(f"--out: the directory {out.parent} does not exist; create it first")
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over the safetensors files of a run's adapter/ or of a merged model (each file's digest, by name)."""
+    from qlora.generate import is_run
+    from qlora.rundir import ADAPTER_DIR
+
+    weights = model_dir / ADAPTER_DIR if is_run(model_dir) else model_dir
+    files = sorted(weights.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{model_dir}: no safetensors weights in {weights}; give a finished run or a merged model")
+    return hashlib.sha256("".join(f"{f.name} {sha256_file(f)}\n" for f in files).encode()).hexdigest()
+
+
+def made_of(run: Path | None, samples: Path | None, problems: Path | None, style: str, sampling) -> dict[str, Any]:
+    """What an eval output is of, recorded in its marker: the model's weights (or the scored samples file), the
+    problems file, the style and the sampling settings; `path` names the model or file, for messages only."""
+    source = run if run is not None else samples
+    made: dict[str, Any] = {"path": str(source.resolve()), "source": (
+        f"weights sha256 {weights_digest(run)}" if run is not None else f"samples sha256 {sha256_file(samples)}")}
+    if problems is not None:
+        made |= {"problems": f"sha256 {sha256_file(problems)}", "style": style}
+        if run is not None:
+            made |= sampling.model_dump(include={"temperature", "top_p", "max_new_tokens", "seed"})
+    return made
+
+
+def claim_out_dir(out: Path, made: dict[str, Any]) -> None:
+    """Create --out, or resume it when it holds an eval of the same model (or samples), problems and settings; an eval
+    of anything else is refused in one line naming what differs, and left as it is. Held under --out's lock."""
+    earlier = read_marker(out).get("of", {}) if out.is_dir() else {}
+    differ = [key for key in made if key != "path" and key in earlier and earlier[key] != made[key]]
+    if differ:
+        what = "; ".join(f"{key} {earlier[key]} there, {made[key]} now" for key in differ)
+        raise UserError(f"--out: {out} holds the eval of {earlier.get('path')} with other inputs ({what}); name "
+                        "another --out, or remove it to evaluate afresh")
     out.mkdir(exist_ok=True)
-    write_marker(out, "eval")
+    write_marker(out, "eval", of=earlier | made)
 
 
 SAMPLE_START = '{"model": "'  # how each line append() writes begins
@@ -252,9 +290,12 @@ def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[in
                         append(path, rows)
                         done += rows
                     progress.advance(task)
-    summary = summarize([r for r in done if r["model"] == "run"], problems, ks)
+    def asked(model: str) -> list[dict[str, Any]]:  # an earlier eval may have drawn more samples (a larger --n)
+        return [r for r in done if r["model"] == model and r["sample"] < n]
+
+    summary = summarize(asked("run"), problems, ks)
     if compare_base:
-        summary["base"] = summarize([r for r in done if r["model"] == "base"], problems, ks)
+        summary["base"] = summarize(asked("base"), problems, ks)
     summary["style"] = style
     write_json(out / SUMMARY_FILE, summary)
     return summary

@@ -13,7 +13,7 @@ from pathlib import Path
 from qlora.config import load_recipe
 from qlora.data import Template, segments_for, turn_end
 from qlora.errors import RunFailed, UserError
-from qlora.files import publish_dir, tmp_sibling, write_atomic, write_marker
+from qlora.files import publishing, write_atomic, write_marker
 from qlora.llamacpp import convert, gguf_reader
 from qlora.merge import check_output, merge
 from qlora.rundir import ADAPTER_DIR, RECIPE_FILE
@@ -75,10 +75,7 @@ def export(run: str | Path, output: str | Path, outtype: str = "f16", llama_cpp:
     recipe = load_recipe(run / RECIPE_FILE)
     base_dir = Path(recipe.model.name_or_path)
     check_output(run, output, overwrite, [run, *([base_dir] if base_dir.is_dir() else [])], command="export")
-    tmp = tmp_sibling(output)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with publishing(output, "export", "--output") as tmp:
         merged = merge(run, tmp / "merged")
         name = f"{run.resolve().name}-{outtype}.gguf"
         convert(merged, tmp / name, outtype, llama_cpp)
@@ -89,8 +86,4 @@ def export(run: str | Path, output: str | Path, outtype: str = "f16", llama_cpp:
         shutil.move(merged / "README.md", tmp / "README.md")  # the model card: base, data, eval, recipe
         shutil.rmtree(merged)
         write_marker(tmp, "export")
-        publish_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output / name, output / "Modelfile"

@@ -8,10 +8,13 @@ list of rows (as `datasets` and pandas index them).
 from __future__ import annotations
 
 import codecs
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -95,11 +98,11 @@ def tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a flushed temporary sibling, so a crash never leaves it half-written."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a file (text as UTF-8) through a flushed temporary sibling, so a crash never leaves it half-written."""
     tmp = tmp_sibling(path)
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
+    with tmp.open("wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -149,6 +152,103 @@ def publish_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lock_holder(lock: Path) -> tuple[int, str] | None:
+    """(PID, command) of the process holding the flock on `lock`, or None when it is free (a dead holder never
+    holds it). The PID is -1 where the holder has not written it yet."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        pid, _, command = os.read(fd, 128).decode(errors="replace").strip().partition(" ")
+        return (int(pid) if pid.isdigit() else -1), command or "train"
+    finally:
+        os.close(fd)  # releases a lock taken here
+
+
+def busy_message(what: str, path: Path, holder: tuple[int, str]) -> str:
+    pid, command = holder
+    return (f"{what}: {path} is in use by a running `qlora {command}` "
+            f"({f'PID {pid}' if pid > 0 else 'another process'}); wait for it to finish, stop it, or choose another path")
+
+
+@contextmanager
+def held_lock(lock: Path, command: str, what: str, path: Path, remove: bool):
+    """Hold an flock on the file `lock` while `command` writes `path`: a second writer exits 2 at once, naming this
+    PID. flock() locks die with their process, so a crash or kill -9 never leaves `path` locked. With `remove`, the
+    lock file is deleted on the way out (a lock file found replaced after locking is retried, so two processes never
+    both hold one)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(lock)
+            if holder is None:
+                continue  # the holder exited between the two looks
+            raise UserError(busy_message(what, path, holder)) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file we opened: lock the one now there
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        yield
+    finally:
+        if remove:
+            lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def output_lock(path: Path, command: str, what: str):
+    """The lock of an output file or directory: `.NAME.lock` beside it, held while `command` writes it, then removed.
+    Creating it is the first write, so an output that cannot be written (under a file, read-only, no space) is one
+    line before any work."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write {path}: {exc.strerror}; choose another path") from None
+    return held_lock(lock, command, what, path, remove=True)
+
+
+@contextmanager
+def publishing(output: Path, command: str, what: str):
+    """Write the directory `output` as `command` does: under its lock, into a fresh temporary sibling (yielded) that is
+    published as `output` when the block ends, or removed when it fails. A temporary sibling found there was left by
+    a writer that died: the lock proves none is alive."""
+    output = Path(output)
+    with output_lock(output, command, what):
+        tmp = tmp_sibling(output)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            publish_dir(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def write_marker(directory: Path, command: str, **extra) -> None:

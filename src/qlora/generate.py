@@ -32,6 +32,18 @@ class LoadedModel:
     recipe: Recipe | None  # as this machine computes it (model.inference_recipe); None for a merged directory
 
 
+def is_run(path: Path) -> bool:
+    """Whether `path` is a finished run directory (True) or a merged model (False); anything else is refused."""
+    if (path / RECIPE_FILE).is_file():
+        if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
+            raise UserError(f"{path}: the run has no finished adapter/ (was training interrupted?)")
+        return True
+    if (path / "config.json").is_file() and (path / TEMPLATE_FILE).is_file():
+        return False
+    raise UserError(f"{path}: not a qlora run directory (no {RECIPE_FILE}) nor a merged model (no config.json "
+                    f"and {TEMPLATE_FILE})")
+
+
 def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
     from transformers import AutoModelForCausalLM
@@ -40,22 +52,17 @@ def load_run(path: str | Path) -> LoadedModel:
                              load_tokenizer)
 
     path = Path(path)
-    if (path / RECIPE_FILE).is_file():
+    if is_run(path):
         recipe = inference_recipe(load_recipe(path / RECIPE_FILE))
         adapter = path / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{path}: the run has no finished adapter/ (was training interrupted?)")
         tokenizer = load_tokenizer(recipe.model, str(adapter))
         model = load_adapter(load_quantized_base(recipe), adapter, tokenizer)
         template = Template.load(adapter)
-    elif (path / "config.json").is_file() and (path / TEMPLATE_FILE).is_file():
+    else:
         recipe = None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=device_map())
         tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
         template = Template.load(path)
-    else:
-        raise UserError(f"{path}: not a qlora run directory (no {RECIPE_FILE}) nor a merged model (no config.json "
-                        f"and {TEMPLATE_FILE})")
     model.eval()
     tokenizer.padding_side = "left"
     return LoadedModel(model, tokenizer, template, recipe)
@@ -262,9 +269,10 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
                 os.fsync(out.fileno())
                 written += len(batch)
                 progress.advance(task, len(batch))
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"{done + written} of {len(rows)} rows are in {out_path}; run the same command to "
-                             "generate the rest", signal.SIGINT) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM under errors.interruptible
+        signum = getattr(exc, "signum", signal.SIGINT)
+        raise RunInterrupted(f"{signal.Signals(signum).name}: {done + written} of {len(rows)} rows are in "
+                             f"{out_path}; run the same command to generate the rest", signum) from None
     return written, done
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ from rich.console import Console
 from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import UserError
-from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
+from qlora.files import check_replaceable, publishing, refuse_working_directory, write_marker
 from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, read_eval_summary
 
 console = Console(stderr=True)
@@ -136,9 +135,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     recipe = load_recipe(run / RECIPE_FILE)
     base_dir = Path(recipe.model.name_or_path)
     check_output(run, output, overwrite, [run, *([base_dir] if base_dir.is_dir() else [])])
-    tmp = tmp_sibling(output)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with publishing(output, "merge", "--output") as tmp:
         # written in the dtype the run trained in, whichever machine merges it (a float16 run: float16 on a CPU too)
         dtype = dtype or trained_compute_dtype(recipe.quantization)
         tokenizer = load_tokenizer(recipe.model, str(run / ADAPTER_DIR))
@@ -162,10 +159,6 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         template.save(tmp)
         (tmp / "README.md").write_text(model_card(recipe, base, dtype, read_eval_summary(run)), encoding="utf-8")
         write_marker(tmp, "merge", run=str(run.resolve()))
-        publish_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"[green]done:[/] merged model in {output}")
     return output
 

@@ -10,9 +10,12 @@ from typing import Any
 
 from qlora.config import load_recipe
 from qlora.errors import UserError
-from qlora.files import read_jsonl, write_atomic
+from qlora.files import output_lock, read_jsonl, write_atomic
 from qlora.rundir import METRICS_FILE, RECIPE_FILE, read_eval_summary
 
+# in every report written (PNG "Software" text, HTML "generator" meta): the only files --output replaces
+MARK = "qlora report"
+HTML_MARK = f"<meta name='generator' content='{MARK}'>"
 # (metrics.jsonl key, plot title), in the order drawn
 SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("learning_rate", "learning rate"),
           ("grad_norm", "gradient norm"), ("tokens_per_second", "tokens/s"))
@@ -112,7 +115,7 @@ def png_bytes(runs: list[dict[str, Any]]) -> bytes:
 
     fig = figure(runs)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": MARK})
     plt.close(fig)
     return buffer.getvalue()
 
@@ -126,11 +129,20 @@ def html_report(runs: list[dict[str, Any]]) -> str:
                        for k, v in summary(run).items())
         tables.append(f"<h2>{html.escape(run['name'])}</h2><table>{rows}</table>")
     names = ", ".join(html.escape(r["name"]) for r in runs)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>qlora report: {names}</title>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'>{HTML_MARK}<title>qlora report: {names}</title>"
             "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}"
             "img{max-width:100%}</style></head>"
             f"<body><h1>qlora report: {names}</h1><img alt='training curves' src='data:image/png;base64,{image}'>"
             f"{''.join(tables)}</body></html>\n")
+
+
+def is_report(path: Path) -> bool:
+    """Whether the file at `path` is a report this command wrote (it carries MARK)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return (b"Software\0" + MARK.encode()) in data if path.suffix == ".png" else HTML_MARK.encode() in data
 
 
 def report(run_dirs: list[Path], output: Path | None) -> tuple[Path, list[dict[str, Any]]]:
@@ -144,12 +156,10 @@ def report(run_dirs: list[Path], output: Path | None) -> tuple[Path, list[dict[s
         raise UserError(f"--output {output}: name a .png or .html file")
     if not output.parent.is_dir():
         raise UserError(f"--output: the directory {output.parent} does not exist; create it first")
+    if output.is_dir() or output.exists() and not is_report(output):
+        raise UserError(f"--output: {output} exists and is not a report qlora wrote, so it is not replaced; name "
+                        "another file or move it away")
     runs = [read_run(run) for run in run_dirs]
-    if output.suffix == ".png":
-        data = png_bytes(runs)
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(output)
-    else:
-        write_atomic(output, html_report(runs))
+    with output_lock(output, "report", "--output"):
+        write_atomic(output, png_bytes(runs) if output.suffix == ".png" else html_report(runs))
     return output, [summary(r) | {"run": r["name"]} for r in runs]

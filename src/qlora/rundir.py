@@ -3,13 +3,11 @@ or nothing), decided before anything is written."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +16,8 @@ from rich.console import Console
 
 from qlora.config import Recipe, load_recipe
 from qlora.errors import UserError
-from qlora.files import check_replaceable, read_marker, write_atomic, write_json, write_marker
+from qlora.files import (MARKER, busy_message, check_replaceable, held_lock, lock_holder, read_marker, write_atomic, write_json,
+                         write_marker)
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
@@ -41,6 +40,10 @@ CHECKPOINT_FILES = (*ADAPTER_FILES[:2], OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHED
 # train.distributed: fsdp checkpoints are the trainer's own, written in place; it writes trainer_state.json last
 FSDP_CHECKPOINT_FILES = (*ADAPTER_FILES[:2], "scheduler.pt", TRAINER_STATE_JSON)
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR and the step
+# everything `train` writes at the top of a run; a start over removes these and nothing else
+TRAIN_FILES = (RECIPE_FILE, ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, ENVIRONMENT_FILE, MARKER)
+# what an interrupted write of `train` leaves: files.tmp_sibling's and files.publish_dir's temporaries
+LEFTOVER = re.compile(r"\.(.+)\.(tmp|old)")
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a message stays one greppable line
 
@@ -81,49 +84,16 @@ def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
             if key not in RUN_LENGTH and before.get(key) != after.get(key)]
 
 
-def lock_holder(run: Path) -> int | None:
-    """The PID of a `train` holding the run's lock, or None when it is free (a dead holder never holds it)."""
-    path = run / LOCK_FILE
-    if not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        text = os.read(fd, 32).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)  # releases a lock taken here
-
-
 def refuse_if_locked(run: Path) -> None:
-    pid = lock_holder(run)
-    if pid is not None:
-        holder = f"PID {pid}" if pid > 0 else "another process"
-        raise UserError(f"train.output_dir: {run} is in use by a running `qlora train` ({holder}); wait for it to "
-                        "finish, stop it, or set another train.output_dir")
+    holder = lock_holder(run / LOCK_FILE)
+    if holder is not None:
+        raise UserError(busy_message("train.output_dir", run, holder))
 
 
-@contextmanager
 def run_lock(run: Path):
-    """Hold the run's lock while training: a second `train` on the run exits 2 at once, naming this PID.
-
-    flock() locks die with their process, so a crash or kill -9 never leaves the run locked.
-    """
+    """Hold the run's lock (RUN/.lock, kept) while training: a second `train` on the run exits 2 at once."""
     run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            refuse_if_locked(run)
-            raise  # the holder exited between the two looks: let the user retry
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
+    return held_lock(run / LOCK_FILE, "train", "train.output_dir", run, remove=False)
 
 
 def run_target_reached(recipe: Recipe, checkpoint: Path) -> bool:
@@ -147,7 +117,7 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
     """Decide, without writing anything, how `train` treats train.output_dir; UserError where it must refuse.
 
     Missing, empty, or a run with nothing trained yet: start. --overwrite on a run this command wrote (never
-    one holding `keep`, the data and model it reads): start over. A run with the same recipe (the run length
+    one holding `keep`, the data and model it reads): start over, keeping files `train` did not write. A run with the same recipe (the run length
     aside) and data: complete when it finished this run length, finish when its newest checkpoint is the end
     but the adapter was not written, else resume from that checkpoint. Anything else is refused.
     """
@@ -169,7 +139,12 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
         raise UserError(f"train.output_dir: {run} is not empty and is not a qlora run; choose another directory")
     checkpoints = complete_checkpoints(run / CHECKPOINT_DIR)
     if not checkpoints and not (run / ADAPTER_DIR).exists():
-        return RunPlan("start")  # nothing trained yet (a start that failed early): nothing to lose or to match
+        metrics = run / METRICS_FILE
+        if not marker.get("complete") and not (metrics.is_file() and metrics.stat().st_size):
+            return RunPlan("start")  # nothing trained yet (a start that failed early): nothing to lose or to match
+        raise UserError(f"train.output_dir: {run} holds a run that trained (see its {METRICS_FILE}) but has no "
+                        f"{ADAPTER_DIR}/ and no complete checkpoint to resume from; pass --overwrite to start over "
+                        "(files qlora train did not write are kept) or set another train.output_dir")
     changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
     if changes:
         resolved = [key for key in RESOLVED_KEYS if any(c.startswith(key + " ") for c in changes)]
@@ -198,16 +173,42 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
 
 
 def remove_leftovers(run: Path) -> None:
-    """Delete what interrupted writes left behind: `.NAME.tmp` / `.NAME.old` siblings and incomplete checkpoints."""
-    complete = set(complete_checkpoints(run / CHECKPOINT_DIR))
-    leftovers = [*run.glob(".*.tmp"), *run.glob(".*.old"),
-                 *(p for p in (run / CHECKPOINT_DIR).glob("*") if p not in complete)]
+    """Delete what an interrupted write of `train` left behind, under the run's lock (so no writer of these is alive):
+    `.NAME.tmp` / `.NAME.old` siblings of the files `train` writes, and of checkpoints. Anything else, such as the
+    temporary directory of a `merge --output RUN/merged` running beside it, is not train's and stays."""
+    def ours(path: Path, names) -> bool:
+        match = LEFTOVER.fullmatch(path.name)
+        return bool(match) and names(match.group(1))
+
+    leftovers = [*(p for p in run.iterdir() if ours(p, TRAIN_FILES.__contains__)),
+                 *(p for p in (run / CHECKPOINT_DIR).glob(".*") if ours(p, CHECKPOINT_NAME.fullmatch))]
     for path in leftovers:
         console.print(f"removing {path}, left by an interrupted write")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def start_over(run: Path) -> None:
+    """Remove what `train` wrote in the (locked) run: TRAIN_FILES, their leftovers and checkpoints; keep everything
+    else, naming it."""
+    remove_leftovers(run)
+    checkpoints = run / CHECKPOINT_DIR
+    for path in checkpoints.iterdir() if checkpoints.is_dir() else ():
+        if CHECKPOINT_NAME.fullmatch(path.name):
+            _remove(path)
+    for name in TRAIN_FILES:
+        path = run / name
+        if path.exists() or path.is_symlink():
+            if path == checkpoints and path.is_dir() and any(path.iterdir()):
+                continue  # holds files train did not write
+            _remove(path)
+    kept = [str(p.relative_to(run)) for p in sorted([*run.iterdir(), *(
+        checkpoints.iterdir() if checkpoints.is_dir() else ())]) if p.name != LOCK_FILE and p != checkpoints]
+    if kept:
+        console.print(f"kept in {run}, as `qlora train` did not write them: {', '.join(kept)}")
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -227,9 +228,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
 def apply_plan(run: Path, plan: RunPlan, fingerprint: str) -> None:
     """Make the (locked) run directory ready for `plan`: cleared and marked for a start, tidied for a resume."""
     if plan.action == "start":
-        for path in run.iterdir():
-            if path.name != LOCK_FILE:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        start_over(run)
         write_marker(run, "train", data=fingerprint)
         return
     remove_leftovers(run)

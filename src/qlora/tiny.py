@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora.data import TEMPLATES
 from qlora.errors import UserError
-from qlora.files import check_replaceable, publish_dir, refuse_working_directory, tmp_sibling, write_marker
+from qlora.files import check_replaceable, publishing, refuse_working_directory, write_marker
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "python_tasks.json"
 SP_VOCAB_SIZE = 1024  # SentencePiece twins: specials + 256 byte pieces + learned pieces
@@ -274,12 +273,10 @@ def build_tiny_model(arch: str, output: str | Path, *, overwrite: bool = False, 
             raise UserError(f"OUTPUT: {output} exists and is not empty: pass --overwrite to replace a model an "
                             "earlier `qlora tiny` wrote, or choose another directory")
         check_replaceable(output, "tiny", "OUTPUT")
-    tmp = tmp_sibling(output.resolve())
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = write_tokenizer(arch, tmp)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_config(arch, tokenizer, initializer_range), dtype=torch.float32)
-    model.save_pretrained(tmp)
-    write_marker(tmp, "tiny", arch=arch)
-    publish_dir(tmp, output.resolve())
+    with publishing(output.resolve(), "tiny", "OUTPUT") as tmp:
+        tokenizer = write_tokenizer(arch, tmp)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(build_config(arch, tokenizer, initializer_range), dtype=torch.float32)
+        model.save_pretrained(tmp)
+        write_marker(tmp, "tiny", arch=arch)
     return output
