@@ -238,6 +238,28 @@ PROBLEMS = Path(__file__).resolve().parents[1] / "src" / "qlora" / "sample_data"
 def eval_args(*flags):
     return lambda w: [str(w.run), "--problems", str(PROBLEMS), "--out", "o", "--allow-code-execution", *flags]
 
+def a_file() -> str:
+    Path("f").write_text("a file, not a directory")
+    return "f"
+
+
+def made(w: World) -> dict:
+    """What `eval_args()` records in its --out (evaluate.made_of), computed as the command does."""
+    from qlora.config import GenerationSection
+    from qlora.evaluate import made_of
+
+    return made_of(w.run, None, PROBLEMS, "instruct", GenerationSection(temperature=0.2, top_p=0.95,
+                                                                        max_new_tokens=512, seed=0))
+
+
+def eval_out(of: dict) -> bool:
+    """An earlier `qlora eval --out o` of `of`, as eval leaves it."""
+    Path("o").mkdir()
+    Path("o/samples.jsonl").write_text(json.dumps({"model": "run", "task_id": "qlora/0", "sample": 0}) + "\n")
+    Path("o/.qlora.json").write_text(json.dumps({"written_by": "eval", "of": of}))
+    return True
+
+
 OTHER_CASES = [
     ("generate-missing-run", "generate", lambda w: ["nope", "--prompt", "x"], "nope"),
     ("generate-not-a-run", "generate", lambda w: [Path("adir").mkdir() or "adir", "--prompt", "x"], "adir"),
@@ -366,6 +388,34 @@ OTHER_CASES = [
     ("tiny-not-empty", "tiny", lambda w: ["gemma", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t"], "t"),
     ("tiny-overwrite-not-a-twin", "tiny",
      lambda w: ["gemma", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t", "--overwrite"], "t"),
+    # outputs under a regular file, files qlora did not write, evals of something else (issue 28, items 1-3, 7)
+    ("generate-output-under-a-file", "generate",
+     lambda w: [*prompts_file(PROMPT)(w)[:-1], a_file() + "/out.jsonl"], "f/out.jsonl"),
+    ("merge-output-under-a-file", "merge", lambda w: [str(w.run), "--output", a_file() + "/m"], "f/m"),
+    ("export-output-under-a-file", "export", lambda w: [str(w.run), "--output", a_file() + "/x"], "f/x"),
+    ("tiny-under-a-file", "tiny", lambda w: ["gemma", a_file() + "/t"], "f/t"),
+    ("eval-out-under-a-file", "eval", lambda w: eval_args()(w)[:4] + [a_file() + "/o", "--allow-code-execution"],
+     "f"),
+    ("report-under-a-file", "report", lambda w: [str(w.run), "--output", a_file() + "/r.png"], "f"),
+    ("report-onto-a-users-png", "report",
+     lambda w: [str(w.run), "--output", data_file("mine.png", b"\x89PNG\r\n\x1a\nmy own picture")], "mine.png"),
+    ("report-onto-a-users-html", "report",
+     lambda w: [str(w.run), "--output", data_file("notes.html", b"<html>notes</html>")], "notes.html"),
+    ("report-onto-a-directory", "report", lambda w: [str(w.run), "--output", Path("r.png").mkdir() or "r.png"],
+     "r.png"),
+    ("eval-out-of-another-model", "eval", lambda w: eval_args()(w) if eval_out(
+        {"source": "weights sha256 0", "path": "/elsewhere/run"}) else [], "/elsewhere/run"),
+    ("eval-out-of-other-problems", "eval",
+     lambda w: eval_args()(w) if eval_out({"source": made(w)["source"], "path": str(w.run),
+                                           "problems": "sha256 0"}) else [], "problems sha256 0 there"),
+    ("eval-out-at-another-temperature", "eval",
+     lambda w: eval_args()(w) if eval_out({**made(w), "temperature": 0.8}) else [], "temperature 0.8 there"),
+    ("eval-out-with-another-seed", "eval",
+     lambda w: eval_args()(w) if eval_out({**made(w), "seed": 7}) else [], "seed 7 there"),
+    ("eval-samples-into-a-runs-eval", "eval",
+     lambda w: ["--problems", str(PROBLEMS), "--samples",
+                data_file("s.jsonl", b'{"task_id": "qlora/0", "completion": ""}\n'), "--out", "o",
+                "--allow-code-execution"] if eval_out(made(w)) else [], "weights sha256"),
 ]
 
 CASES = ([pytest.param(command, build, culprit, id=f"{command}-{name}")

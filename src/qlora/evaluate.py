@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora.errors import UserError
-from qlora.files import (complete_lines, jsonl_lines, read_jsonl, read_marker, sha256_file, write_atomic,
-                         write_json, write_marker)
+from qlora.files import (check_parent, complete_lines, jsonl_lines, read_jsonl, read_marker, sha256_file,
+                         write_atomic, write_json, write_marker)
 from qlora.sandbox import Limits, run_program
 
 EXECUTION_ENV = "QLORA_ALLOW_CODE_EVAL"
@@ -178,8 +178,7 @@ def check_out_dir(out: Path) -> None:
         raise UserError(f"--out: {out} is a file; name a directory")
     if out.is_dir() and any(out.iterdir()) and read_marker(out).get("written_by") != "eval":
         raise UserError(f"--out: {out} is not empty and not a `qlora eval` output; name a new directory")
-    if not out.parent.is_dir():
-        raise UserError(f"--out: the directory {out.parent} does not exist; create it first")
+    check_parent(out, "--out")
 
 
 def weights_digest(model_dir: Path) -> str:

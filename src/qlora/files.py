@@ -265,6 +265,17 @@ def read_marker(directory: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
+def check_parent(path: Path, what: str) -> None:
+    """The directory an output goes in must exist (we do not create a user's directories for a file)."""
+    parent = Path(path).parent
+    if parent.is_dir():
+        return
+    existing = next(p for p in parent.parents if p.exists()) if not parent.exists() else parent
+    if not existing.is_dir():
+        raise UserError(f"{what}: {path} lies under {existing}, which is a file; choose another path")
+    raise UserError(f"{what}: the directory {parent} does not exist; create it first")
+
+
 def refuse_working_directory(path: Path, what: str) -> None:
     """A directory we publish into by renaming may not be, or hold, the working directory."""
     if Path.cwd().resolve().is_relative_to(Path(path).resolve()):

@@ -18,7 +18,7 @@ from typing import Any, Callable, TextIO
 from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import RunInterrupted, UserError
-from qlora.files import complete_lines, jsonl_lines, read_jsonl
+from qlora.files import check_parent, complete_lines, jsonl_lines, read_jsonl
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
@@ -225,8 +225,7 @@ def rows_already_written(out_path: Path, in_path: Path, rows: list[dict[str, Any
     """
     if out_path.is_dir():
         raise UserError(f"--output-file: {out_path} is a directory; name a .jsonl file")
-    if not out_path.parent.is_dir():
-        raise UserError(f"--output-file: the directory {out_path.parent} does not exist; create it first")
+    check_parent(out_path, "--output-file")
     if not os.access(out_path.parent, os.W_OK):
         raise UserError(f"--output-file: {out_path.parent} is not writable")
     if out_path.exists() and out_path.resolve() == in_path.resolve():

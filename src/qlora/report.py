@@ -10,7 +10,7 @@ from typing import Any
 
 from qlora.config import load_recipe
 from qlora.errors import UserError
-from qlora.files import output_lock, read_jsonl, write_atomic
+from qlora.files import check_parent, output_lock, read_jsonl, write_atomic
 from qlora.rundir import METRICS_FILE, RECIPE_FILE, read_eval_summary
 
 # in every report written (PNG "Software" text, HTML "generator" meta): the only files --output replaces
@@ -154,8 +154,7 @@ def report(run_dirs: list[Path], output: Path | None) -> tuple[Path, list[dict[s
         output = run_dirs[0] / "report.png"
     if output.suffix not in (".png", ".html"):
         raise UserError(f"--output {output}: name a .png or .html file")
-    if not output.parent.is_dir():
-        raise UserError(f"--output: the directory {output.parent} does not exist; create it first")
+    check_parent(output, "--output")
     if output.is_dir() or output.exists() and not is_report(output):
         raise UserError(f"--output: {output} exists and is not a report qlora wrote, so it is not replaced; name "
                         "another file or move it away")
