@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from qlora import distributed
+from qlora.compat import require_hooks
 from qlora.errors import RunFailed
 from qlora.files import publish_dir, tmp_sibling
 from qlora.loss import Objective, add_trained_token_loss
@@ -260,6 +261,9 @@ class QLoRATrainer(SFTTrainer):
         checkpoints = complete_checkpoints(Path(self.args.output_dir))
         last = f"last good checkpoint: {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
         raise RunFailed(f"step {step}: {what}; {last}")
+
+
+require_hooks(SFTTrainer, QLoRATrainer, "transformers")
 
 
 class ShardedQLoRATrainer(QLoRATrainer):
