@@ -3,7 +3,8 @@ the first one's PID, and every file stays byte-identical (the first writer: a pr
 the command holds it; and two real `generate`). SIGINT or SIGTERM stops each writing command started as a
 background job (SIGINT inherited as ignored) with exit 130 / 143 and one line saying what is kept, leaving no
 temporary or lock, and the same command then finishes the work. A full disk in the middle of each command's write is
-exit 1 and one line saying what was kept, again with no temporary or lock left."""
+exit 1 and one line saying what was kept, again with no temporary or lock left; so is memory running out (a GPU's
+torch.OutOfMemoryError, the CPU allocator's refusal) wherever it happens, naming what to lower."""
 
 import errno
 import json
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import snapshot
@@ -182,3 +184,42 @@ def test_a_full_disk_is_one_line_saying_what_was_kept(memorised_run, tmp_path, m
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary, no lock
     assert absent is None or not (tmp_path / absent).exists()
+
+
+def gpu_out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def cpu_out_of_memory(*args, **kwargs):
+    torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own refusal
+
+
+# (command, argv, where memory runs out, what the line tells to lower)
+OUT_OF_MEMORY = [
+    ("generate-load", lambda run: ["generate", str(run), "--prompt", "x"], ("qlora.generate.load_run",
+                                                                            gpu_out_of_memory), "--batch-size (8)"),
+    ("generate-file", lambda run: ["generate", str(run), "--input-file", "in.jsonl", "--output-file", "out.jsonl"],
+     ("qlora.generate.generate", cpu_out_of_memory), "--max-new-tokens"),
+    ("eval", lambda run: ["eval", str(run), "--problems", str(PROBLEMS), "--out", "eval", "--allow-code-execution"],
+     ("qlora.generate.load_run", gpu_out_of_memory), "--batch-size (8) or --max-new-tokens (512)"),
+    ("merge", lambda run: ["merge", str(run), "--output", "merged"], ("qlora.merge.load_merged_model",
+                                                                      cpu_out_of_memory), "--dtype float16"),
+    ("merge-verify", lambda run: ["merge", str(run), "--output", "merged", "--verify"],
+     ("qlora.merge.verify", gpu_out_of_memory), "the merged model in merged is complete, not verified"),
+    ("export", lambda run: ["export", str(run), "--output", "gguf"], ("qlora.export.merge", cpu_out_of_memory),
+     "export merges the whole base"),
+]
+
+
+@pytest.mark.parametrize("name, argv, failure, hint", OUT_OF_MEMORY, ids=[o[0] for o in OUT_OF_MEMORY])
+def test_out_of_memory_anywhere_is_one_line_naming_what_to_lower(memorised_run, tmp_path, monkeypatch, name, argv,
+                                                                failure, hint):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text(PROMPTS)
+    monkeypatch.setattr(*failure)
+    result = CliRunner().invoke(app, argv(memorised_run))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.exit_code == 1, result.output
+    assert errors == result.stderr.splitlines()[-1:] and errors[0].startswith("error: out of memory: ")
+    assert hint in errors[0] and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

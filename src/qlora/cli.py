@@ -203,7 +203,9 @@ def generate(
             writing = output_lock(output_file, "generate", "--output-file")
         kept = (f"the rows written so far are in {output_file}; run the same command to generate the rest"
                 if input_file is not None else "not every answer was printed")
-        with writing, interruptible(kept):
+        lower = (f"lower --batch-size ({batch_size}), --max-new-tokens or --num-beams, or use a machine with more "
+                 "memory")
+        with writing, interruptible(kept, lower):
             loaded = g.load_run(run)
             sampling = with_generation_overrides(
                 loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
@@ -271,10 +273,14 @@ def merge(
         if push_to_hub:
             check_repo_id(push_to_hub)
         with interruptible(f"--output {output} was not written (its temporary directory is removed); run the same "
-                           "command again"):
+                           "command again", "the merge holds the whole base in --dtype: give --dtype float16 or "
+                                        "bfloat16 if it was float32, or use a machine with more memory"):
             merge_run(run, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
         if verify:
-            report = verify_run(run, output, base, min_agreement=min_agreement)
+            with interruptible(f"the merged model in {output} is complete, not verified", "--verify holds the merged "
+                               "model and the 4-bit base with the adapter at once: verify on a machine with more "
+                               "memory"):
+                report = verify_run(run, output, base, min_agreement=min_agreement)
             typer.echo(f"verify: {report.summary()}", err=True)
             if not report.passed:
                 typer.echo("error: the merged model disagrees with the trained one; do not ship it", err=True)
@@ -308,7 +314,8 @@ def export(
         if push_to_hub:
             check_repo_id(push_to_hub)
         with interruptible(f"--output {output} was not written (its temporary directory is removed); run the same "
-                           "command again"):
+                           "command again", "export merges the whole base in float16 first: use a machine with "
+                                            "more memory"):
             gguf, modelfile = export_run(run, output, outtype, llama_cpp, overwrite)
         typer.echo(f"wrote {gguf} and {modelfile}; for Ollama: ollama create {run.resolve().name} -f {modelfile}",
                    err=True)
@@ -393,7 +400,8 @@ def eval_(
             made = ev.made_of(run, samples, problems, chosen, sampling)
             writing = output_lock(out, "eval", "--out")
         kept = f"every sample scored so far is in {out}; the same command resumes" if out else "nothing was written"
-        with writing, interruptible(kept):
+        with writing, interruptible(kept, f"lower --batch-size ({batch_size}) or --max-new-tokens ({max_new_tokens}), "
+                                          "or use a machine with more memory"):
             if out is not None:
                 ev.claim_out_dir(out, made)
             limits = Limits(seconds=timeout)

@@ -39,11 +39,19 @@ class Signalled(KeyboardInterrupt):
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a device (torch.OutOfMemoryError) or host (MemoryError, the CPU allocator's RuntimeError)
+    running out of memory; told without importing torch."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 @contextmanager
-def interruptible(kept: str):
-    """How a writing command stops early: SIGINT and SIGTERM stop it where it is (exit 130 / 143), and a write the
-    machine refuses (full disk, read-only) fails it (exit 1), each with one line saying what is `kept`. Every write
-    is atomic or appends whole lines, so the same command then resumes or restarts.
+def interruptible(kept: str, lower: str = "a machine with more memory"):
+    """How a command stops early: SIGINT and SIGTERM stop it where it is (exit 130 / 143); a write the machine
+    refuses (full disk, read-only), or memory running out (say what to `lower`), fails it (exit 1); each with one
+    line saying what is `kept`. Every write is atomic or appends whole lines, so the same command then resumes or
+    restarts.
 
     The handlers are installed explicitly: a job a non-interactive shell starts in the background inherits SIGINT
     as ignored."""
@@ -60,6 +68,10 @@ def interruptible(kept: str):
         if exc.errno not in WRITE_FAILURES:
             raise
         raise RunFailed(f"cannot write {exc.filename or 'the output'}: {exc.strerror}; {kept}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise RunFailed(f"out of memory: {lower}; {kept}") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
