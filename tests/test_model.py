@@ -10,9 +10,10 @@ import torch
 from transformers import TrainerCallback
 
 from qlora.check import check
+from qlora.config import ModelSection
 from qlora.errors import UserError
 from qlora.model import (add_lora, check_devices, cpu_has_native_bf16, get_quantization_config,
-                         load_quantized_base, load_tokenizer, resolve_recipe)
+                         load_quantized_base, load_tokenizer, resolve_attention, resolve_recipe)
 from qlora.train import train
 
 
@@ -87,6 +88,35 @@ def test_several_visible_gpus_are_refused(monkeypatch):
         check_devices()
     monkeypatch.setenv("WORLD_SIZE", "4")  # one process per GPU under torchrun
     check_devices()
+
+
+def fake_gpus(monkeypatch, *capabilities):
+    """torch.cuda as a machine with these GPUs (compute capabilities) shows it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: {(7, 5): "Tesla T4", (8, 0): "A100",
+                                                                   (9, 0): "H100"}[capabilities[i]])
+
+
+@pytest.mark.parametrize("capabilities, dtype, message", [
+    ([(7, 5)], "float16", "flash_attention_2 needs compute capability 8.0 or newer (Ampere); cuda:0 (Tesla T4) has "
+                          "7.5: use sdpa"),
+    ([(8, 0), (7, 5)], "bfloat16", "flash_attention_2 needs compute capability 8.0 or newer (Ampere); cuda:1 (Tesla T4) "
+                               "has 7.5"),
+    ([(8, 0)], "float32", "flash_attention_2 computes in bfloat16 or float16, not quantization.compute_dtype=float32"),
+    ([(8, 0)], "bfloat16", None),
+    ([(9, 0), (9, 0)], "float16", None),
+])
+def test_flash_attention_needs_ampere_or_newer_and_half_precision(monkeypatch, capabilities, dtype, message):
+    fake_gpus(monkeypatch, *capabilities)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # flash-attn "installed"
+    model = ModelSection(name_or_path="meta-llama/Llama-2-7b-hf", attn_implementation="flash_attention_2")
+    if message is None:
+        assert resolve_attention(model, dtype) == "flash_attention_2"
+    else:
+        with pytest.raises(UserError, match=f"model.attn_implementation: {re.escape(message)}"):
+            resolve_attention(model, dtype)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama"], ids=["tied-head", "untied-head"])

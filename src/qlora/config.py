@@ -34,7 +34,8 @@ class ModelSection(_Section):
         False, description="Run Python code shipped with the model repo. Only for repos you trust; off by default."
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel: sdpa (PyTorch fused, default), eager, or flash_attention_2 (CUDA)."
+        "sdpa", description="Attention kernel: sdpa (PyTorch fused, default), eager, or flash_attention_2 (CUDA GPUs "
+        "of compute capability 8.0 or newer, bf16/fp16 compute)."
     )
 
 

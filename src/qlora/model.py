@@ -98,11 +98,12 @@ def resolve_optimizer(name: str) -> str:
     return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
 
 
-def resolve_attention(model: ModelSection) -> str:
+def resolve_attention(model: ModelSection, compute_dtype: str) -> str:
     """model.attn_implementation, checked against what is installed and what the model class supports.
 
     sdpa on a class without it (Gemma-2: sdpa cannot soft-cap logits) falls back to eager, as transformers
-    itself does when no kernel is named; flash_attention_2 needs CUDA and the flash-attn package.
+    itself does when no kernel is named; flash_attention_2 needs CUDA GPUs of compute capability 8.0 or newer
+    (flash-attn 2 has no kernels for Turing/Volta), computing in bfloat16 or float16, and the flash-attn package.
     """
     import torch
     from transformers import AutoConfig
@@ -111,6 +112,16 @@ def resolve_attention(model: ModelSection) -> str:
     if model.attn_implementation == "flash_attention_2":
         if not torch.cuda.is_available():
             raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa")
+        older = [(i, torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())
+                 if torch.cuda.get_device_capability(i) < (8, 0)]
+        if older:
+            index, (major, minor) = older[0]
+            raise UserError(f"model.attn_implementation: flash_attention_2 needs compute capability 8.0 or newer "
+                            f"(Ampere); cuda:{index} ({torch.cuda.get_device_name(index)}) has {major}.{minor}: use "
+                            "sdpa")
+        if compute_dtype not in ("bfloat16", "float16"):
+            raise UserError(f"model.attn_implementation: flash_attention_2 computes in bfloat16 or float16, not "
+                            f"quantization.compute_dtype={compute_dtype}; set one of those or use sdpa")
         if importlib.util.find_spec("flash_attn") is None:
             raise UserError("model.attn_implementation: flash_attention_2, but the flash-attn package is not "
                             "installed: pip install flash-attn --no-build-isolation, or use sdpa")
@@ -185,8 +196,8 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
             raise UserError(f"model.name_or_path: {model.name_or_path} {problem}; give a directory saved with "
                             "save_pretrained, or a hub id like google/gemma-2b")
         model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
-    model = model.model_copy(update={"attn_implementation": resolve_attention(model)})
     quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
+    model = model.model_copy(update={"attn_implementation": resolve_attention(model, quantization.compute_dtype)})
     if t.distributed == "fsdp":
         check_fsdp(quantization, t.optimizer)
     optimizer = "adamw_torch" if t.distributed == "fsdp" and t.optimizer == "auto" else resolve_optimizer(t.optimizer)
