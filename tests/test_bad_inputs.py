@@ -220,6 +220,16 @@ RECIPE_CASES = [
     ("set-deep", lambda w: [write_recipe(w), "--set", f"lora.modules_to_save={DEEP}"], "lora.modules_to_save"),
     ("set-5001-digit-integer", lambda w: [write_recipe(w), "--set", f"lora.r={LONG_INTEGER}"], "lora.r"),
     ("set-complex-key", lambda w: [write_recipe(w), "--set", "train.extra={? [a, b]: 1}"], "train.extra"),
+    # train.keep_best and the trainer's own best-model keys it replaces
+    ("keep-best-without-eval-data", recipe_with(train__keep_best="eval_loss"), "train.keep_best"),
+    ("keep-best-unknown-metric", recipe_with(train__keep_best="pass@1"), "train.keep_best"),
+    ("keep-best-eval-without-checkpoint", lambda w: [write_recipe(w, {
+        "train.keep_best": "eval_loss", "train.save_steps": 4, "train.eval_steps": 6,
+        "data.eval_path": data_file("eval.json", GOOD)})], "eval_steps a multiple of save_steps"),
+    ("extra-metric-for-best-model", recipe_with(train__extra={"metric_for_best_model": "eval_loss"}),
+     "use train.keep_best"),
+    ("extra-load-best-model-at-end", recipe_with(train__extra={"load_best_model_at_end": True}),
+     "use train.keep_best"),
 ]
 
 

@@ -246,6 +246,11 @@ class TrainSection(_Section):
     )
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps; null = save_steps.")
     eval_batch_size: int | None = Field(None, gt=0, description="Sequences per device per eval batch; null = batch_size.")
+    keep_best: Literal["none", "eval_loss"] = Field(
+        "none", description="eval_loss: at the end, publish the checkpoint with the lowest eval loss as adapter/ (its "
+        "step and score in RUN/best.json) instead of the last one; save_total_limit never deletes it and a resumed "
+        "run keeps it. Needs eval data, and eval_steps a multiple of save_steps so every eval has a checkpoint."
+    )
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise on the input embeddings while training (the paper uses 5); "
         "null = off. Generation never sees it."
@@ -300,12 +305,25 @@ class Recipe(_Section):
     generation: GenerationSection = GenerationSection()
 
     @model_validator(mode="after")
-    def _fsdp_storage(self) -> Recipe:
+    def _sections_agree(self) -> Recipe:
         if self.train.distributed == "fsdp" and self.quantization.load_in_4bit \
                 and self.quantization.quant_storage == "uint8":
             raise ValueError("train.distributed: fsdp shards the 4-bit weights, which FSDP can only do when they are "
                              "stored in a float dtype: set quantization.quant_storage to the compute dtype "
                              "(bfloat16)")
+        t = self.train
+        if t.keep_best != "none":
+            if not (self.data.eval_path or self.data.eval_fraction):
+                raise ValueError(f"train.keep_best: {t.keep_best} picks a checkpoint by its eval loss, and the recipe "
+                                 "has no eval data: set data.eval_path or data.eval_fraction, or keep_best: none")
+            if (t.eval_steps or t.save_steps) % t.save_steps:
+                raise ValueError(f"train.keep_best: the eval at every train.eval_steps={t.eval_steps} must have a "
+                                 f"checkpoint to keep, and train.save_steps={t.save_steps} does not divide it: make "
+                                 "eval_steps a multiple of save_steps")
+            if t.distributed == "fsdp" and t.save_total_limit == 1:
+                raise ValueError("train.keep_best with train.distributed: fsdp: the trainer writes FSDP checkpoints "
+                                 "itself and, with save_total_limit 1, deletes all but the best at the end, the last "
+                                 "one a resume needs too; set save_total_limit to 2 or more")
         if self.train.distributed == "fsdp" and self.lora.trained_tokens:
             raise ValueError("lora.trained_tokens cannot be trained with train.distributed: fsdp (peft's trainable "
                              "tokens need FSDP's use_orig_params, which FSDP-QLoRA turns off); use ddp")
