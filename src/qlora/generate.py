@@ -48,8 +48,8 @@ def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.model import (device_map, inference_dtype, inference_recipe, load_adapter, load_quantized_base,
-                             load_tokenizer)
+    from qlora.model import (inference_dtype, inference_recipe, load_adapter, load_quantized_base,
+                             load_tokenizer, spread_device_map)
 
     path = Path(path)
     if is_run(path):
@@ -60,7 +60,7 @@ def load_run(path: str | Path) -> LoadedModel:
         template = Template.load(adapter)
     else:
         recipe = None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=device_map())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=spread_device_map())
         tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
         template = Template.load(path)
     model.eval()

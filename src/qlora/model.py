@@ -385,6 +385,14 @@ def device_map():
     return {"": distributed.local_rank()} if torch.cuda.is_available() else {"": "cpu"}
 
 
+def spread_device_map():
+    """Where a full-precision model goes for merge and generate: accelerate's "auto", filling the visible GPUs in
+    turn, then CPU memory, so a model larger than one GPU still loads; the CPU without CUDA."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else {"": "cpu"}
+
+
 def sharded(recipe: Recipe) -> bool:
     """Whether training shards the model with FSDP (train.distributed: fsdp, under several processes)."""
     return recipe.train.distributed == "fsdp" and distributed.world_size() > 1
@@ -429,7 +437,7 @@ def load_full_precision_base(recipe: Recipe, dtype):
     try:
         return AutoModelForCausalLM.from_pretrained(
             recipe.model.name_or_path, revision=recipe.model.revision, dtype=dtype,
-            trust_remote_code=recipe.model.trust_remote_code, device_map=device_map(),
+            trust_remote_code=recipe.model.trust_remote_code, device_map=spread_device_map(),
         )
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r} "
