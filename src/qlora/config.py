@@ -80,7 +80,10 @@ class QuantizationSection(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with r.")
+    r: int = Field(
+        16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with r. At most the "
+        "width (smaller side) of the narrowest layer it targets, beyond which an update gains no rank."
+    )
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input; 0.05-0.1 for small datasets.")
     target_modules: Literal["all-linear"] | list[str] = Field(
@@ -140,7 +143,8 @@ class DataSection(_Section):
         "(chat turns; loss on assistant turns only) or text (plain text; loss on every token).",
     )
     fields: dict[str, str] = Field(
-        {}, description="Our field names -> the file's columns, e.g. {output: response} for a `response` column."
+        {}, description="Our field names -> the file's columns, e.g. {output: response} for a `response` column; a "
+        "column in no row of the data is refused."
     )
     template: Literal["alpaca", "chatml", "llama-2", "gemma", "tokenizer", "raw"] | None = Field(
         None,
@@ -197,12 +201,17 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    output_dir: str = Field(description="Run directory: recipe.yaml, adapter/, checkpoints/, metrics.jsonl.")
+    output_dir: str = Field(description="Run directory: recipe.yaml, adapter/, checkpoints/, metrics.jsonl. check and "
+                            "train prove it can be created by making and removing a temporary directory there.")
     max_steps: int | None = Field(
-        None, gt=0, description="Optimizer steps to train; null trains for `epochs` instead."
+        None, gt=0, description="Optimizer steps to train; null trains for `epochs` instead. The run (max_steps, or "
+        "epochs x steps per epoch) must end within a year at 1 ms a step: 31,536,000,000 steps."
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is null.")
-    batch_size: int = Field(4, gt=0, description="Sequences per device per micro-batch; activation memory scales with it.")
+    batch_size: int = Field(
+        4, gt=0, description="Sequences per device per micro-batch; activation memory scales with it. check and train "
+        "refuse a batch of the longest example whose estimated peak exceeds the device's memory (RAM on a CPU)."
+    )
     grad_accum: int = Field(
         4, gt=0, description="Micro-batches per optimizer step: effective batch = batch_size x grad_accum."
     )
@@ -268,7 +277,9 @@ class TrainSection(_Section):
     )
     extra: dict[str, Any] = Field(
         {}, description="Further SFTConfig / TrainingArguments fields by name (e.g. {torch_compile: true}); a name "
-        "SFTConfig lacks, or that a key above already sets, is refused."
+        "SFTConfig lacks, or that a key above already sets, is refused, as are those that would break saving or "
+        "resuming: save_strategy, save_only_model, ignore_data_skip, resume_from_checkpoint, load_best_model_at_end, "
+        "save_on_each_node."
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -581,13 +592,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def with_generation_overrides(base: GenerationSection, overrides: dict[str, Any]) -> GenerationSection:
-    """`base` with the flags that were given (not None) applied, validated like a recipe."""
+    """`base` with the flags that were given (not None) applied, validated like a recipe; an error names the flag."""
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return GenerationSection.model_validate({**base.model_dump(), **given})
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise UserError(_describe({**error, "loc": ("generation", *error["loc"])})) from None
+        flag = "--" + str(error["loc"][0]).replace("_", "-")
+        raise UserError(_describe({**error, "loc": (flag, *error["loc"][1:])})) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:
