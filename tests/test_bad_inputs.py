@@ -257,6 +257,11 @@ RECIPE_CASES = [
 ]
 
 
+def launch(*flags):
+    """`qlora train` through the launcher with one process, then `flags` (a later --nproc-per-node wins)."""
+    return lambda w: [write_recipe(w), "--nproc-per-node", "1", *flags]
+
+
 def saved_dataset(name: str, garbage: str) -> bool:
     """A directory saved by datasets.save_to_disk whose file `garbage` holds garbage."""
     import datasets
@@ -476,19 +481,16 @@ OTHER_CASES = [
      "--repetition-penalty"),
     ("generate-nan-repetition-penalty", "generate", generate_args("--repetition-penalty", "nan"),
      "--repetition-penalty"),
-    ("train-master-port-99999", "train", lambda w: [write_recipe(w), "--nproc-per-node", "1", "--master-port", "99999"],
-     "--master-port"),
-    ("train-nnodes-abc", "train", lambda w: [write_recipe(w), "--nproc-per-node", "1", "--nnodes", "abc"], "--nnodes"),
-    ("train-nnodes-backwards", "train", lambda w: [write_recipe(w), "--nproc-per-node", "1", "--nnodes", "3:2"],
-     "--nnodes"),
-    ("train-node-rank-past-nnodes", "train",
-     lambda w: [write_recipe(w), "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "2"], "--node-rank"),
-    ("train-rdzv-endpoint-without-port", "train",
-     lambda w: [write_recipe(w), "--nproc-per-node", "1", "--rdzv-endpoint", "host"], "--rdzv-endpoint"),
-    ("train-empty-master-addr", "train", lambda w: [write_recipe(w), "--nproc-per-node", "1", "--master-addr", ""],
-     "--master-addr"),
-    ("train-a-million-processes", "train", lambda w: [write_recipe(w), "--nproc-per-node", "1000000"],
-     "--nproc-per-node"),
+    ("generate-200000-beams", "generate", generate_args("--num-beams", "200000"), "--num-beams 200000"),
+    ("generate-more-beams-than-tokens", "generate", generate_args("--num-beams", "1025"), "1,024 tokens"),
+    ("generate-file-beams", "generate", prompts_file(PROMPT, "--num-beams", str(10**12)), "--num-beams"),
+    ("train-master-port-99999", "train", launch("--master-port", "99999"), "--master-port"),
+    ("train-nnodes-abc", "train", launch("--nnodes", "abc"), "--nnodes"),
+    ("train-nnodes-backwards", "train", launch("--nnodes", "3:2"), "--nnodes"),
+    ("train-node-rank-past-nnodes", "train", launch("--nnodes", "2", "--node-rank", "2"), "--node-rank"),
+    ("train-rdzv-endpoint-without-port", "train", launch("--rdzv-endpoint", "host"), "--rdzv-endpoint"),
+    ("train-empty-master-addr", "train", launch("--master-addr", ""), "--master-addr"),
+    ("train-a-million-processes", "train", launch("--nproc-per-node", "1000000"), "--nproc-per-node"),
 ]
 
 CASES = ([pytest.param(command, build, culprit, id=f"{command}-{name}")

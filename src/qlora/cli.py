@@ -193,8 +193,9 @@ def generate(
         if stream or chat:
             g.check_streamable(defaults)
         writing = nullcontext()
+        rows = g.read_prompt_rows(input_file) if input_file is not None else None
+        g.check_beams(run, num_beams, 1 if chat else min(batch_size, len(rows) if rows is not None else len(prompt)))
         if input_file is not None:
-            rows = g.read_prompt_rows(input_file)
             if g.rows_already_written(output_file, input_file, rows) == len(rows):
                 typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
                 return
