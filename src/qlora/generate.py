@@ -125,6 +125,36 @@ def check_streamable(sampling: GenerationSection) -> None:
                         "stream (--stream, --chat); drop --stream or set --num-beams 1")
 
 
+def check_beams(path: Path, num_beams: int | None, rows: int) -> None:
+    """Refuse, before the model loads, more beams (--num-beams, else the run's generation.num_beams) than the
+    vocabulary has tokens (the first step has no more distinct continuations) or than this device's memory holds
+    for `rows` prompts at once: each beam keeps at least three float32 rows of logits over the vocabulary (the
+    logits, their log-probabilities, the beam scores), before any activation or cache."""
+    from transformers import AutoConfig
+
+    from qlora.model import device_memory
+
+    flag = "--num-beams" if num_beams is not None else "generation.num_beams"
+    run = is_run(path)
+    if num_beams is None:
+        num_beams = load_recipe(path / RECIPE_FILE).generation.num_beams if run else 1
+    if num_beams == 1:
+        return
+    model = load_recipe(path / RECIPE_FILE).model if run else ModelSection(name_or_path=str(path))
+    try:
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    except OSError:  # loading the model says why, in one line
+        return
+    vocab = getattr(config, "text_config", config).vocab_size
+    available, device = device_memory()
+    fits = available // (rows * 3 * 4 * vocab)
+    if num_beams > min(vocab, fits):
+        raise UserError(f"{flag} {num_beams}: give at most {min(vocab, fits):,}: no more than the {vocab:,} tokens of "
+                        f"the vocabulary, and {rows} prompt(s) x beams x 3 float32 rows of logits must fit the "
+                        f"{available / 1024**3:.1f} GiB of {device}")
+
+
 def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: GenerationSection,
              batch_size: int = 8, streamer=None) -> list[str]:
     """Generated responses for (instruction, input) prompts, batched with left padding.

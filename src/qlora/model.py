@@ -178,6 +178,18 @@ def device_description() -> str:
     return f"cpu ({'native' if cpu_has_native_bf16() else 'emulated'} bf16)"
 
 
+def device_memory() -> tuple[int, str]:
+    """Bytes of memory of the device this process computes on, and its name: the GPU's, else the machine's RAM."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, \
+            f"cuda:{torch.cuda.current_device()}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
 def resolve_recipe(recipe: Recipe) -> Recipe:
     """The recipe as this machine will run it: auto settings made concrete; local model and data paths and the
     output directory made absolute, so `qlora train RUN/recipe.yaml` resumes the run from any directory.

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from qlora import distributed
-from qlora.check import Preflight, preflight
+from qlora.check import Preflight, memory_problem, preflight, worst_micro_batch
 from qlora.collate import PackedCollator
 from qlora.config import Recipe, dump_recipe
 from qlora.data import build_datasets
@@ -289,6 +289,18 @@ def sft_config(recipe: Recipe, run: Path):
     return SFTConfig(**sft_arguments(recipe, run), **recipe.train.extra)
 
 
+# SFTConfig fields that would break how a run saves or resumes: adapter/ is published from the checkpoint the trainer
+# writes at the last step, and a resume continues from the newest checkpoint exactly where the run stopped
+BREAKS_SAVING = {
+    "save_strategy": "qlora writes a checkpoint every train.save_steps steps and at the last step, which adapter/ is "
+                     "published from and a resume continues from; set train.save_steps",
+    "save_only_model": "a checkpoint without the optimizer, scheduler and RNG states cannot be resumed exactly",
+    "ignore_data_skip": "a resumed run would train again on the batches it already trained on",
+    "resume_from_checkpoint": "qlora resumes from the newest complete checkpoint in train.output_dir by itself",
+    "save_on_each_node": "the run directory, which every machine must see, is written by one process only",
+}
+
+
 def check_extra(recipe: Recipe) -> None:
     """train.extra may name only SFTConfig fields that no recipe key sets, each with a value of the field's type
     that SFTConfig's own checks accept."""
@@ -303,6 +315,8 @@ def check_extra(recipe: Recipe) -> None:
     types = typing.get_type_hints(SFTConfig)
     owned = set(sft_arguments(recipe, Path("run"))) | {"fsdp", "fsdp_config"}
     for key, value in recipe.train.extra.items():
+        if key in BREAKS_SAVING:
+            raise UserError(f"train.extra.{key}: remove it: {BREAKS_SAVING[key]}")
         if key in owned:
             instead = ("train.keep_best" if key in ("metric_for_best_model", "greater_is_better",
                                                     "load_best_model_at_end") else "the recipe's own key")
@@ -385,6 +399,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
                       "train.epochs to train on, or pass --overwrite to start over)")
         return run
     dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.eval_rows, pre.tokenizer, pre.template)
+    if problem := memory_problem(recipe, worst_micro_batch(recipe, pre.shape, report, distributed.world_size())):
+        raise UserError(problem)
     console.print(f"data: {report.summary()}")
 
     with write_failures(run), run_lock(run) if distributed.is_main() else nullcontext():
