@@ -194,11 +194,11 @@ def generate(
             g.check_streamable(defaults)
         writing = nullcontext()
         rows = g.read_prompt_rows(input_file) if input_file is not None else None
+        if rows is not None and g.rows_already_written(output_file, input_file, rows) == len(rows):
+            typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
+            return
         g.check_beams(run, num_beams, 1 if chat else min(batch_size, len(rows) if rows is not None else len(prompt)))
         if input_file is not None:
-            if g.rows_already_written(output_file, input_file, rows) == len(rows):
-                typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
-                return
             writing = output_lock(output_file, "generate", "--output-file")
         kept = (f"the rows written so far are in {output_file}; run the same command to generate the rest"
                 if input_file is not None else "not every answer was printed")
