@@ -21,7 +21,9 @@ from test_reliability import SignalAt, metrics
 
 PROBLEMS = Path(__file__).resolve().parents[1] / "src" / "qlora" / "sample_data" / "eval_problems.jsonl"
 RUN = "run"  # the copy of the finished run each case damages, in the case's working directory
-RESUME = ["run/recipe.yaml", "--set", "train.output_dir=run", "--set", "train.max_steps=101"]  # train one more step
+# the copy's recipe.yaml names the run it was copied from: train.output_dir set, else it trains there as a moved run
+HERE = ["run/recipe.yaml", "--set", "train.output_dir=run"]
+RESUME = [*HERE, "--set", "train.max_steps=101"]  # train one more step
 
 
 def write(path: str, content) -> None:
@@ -55,9 +57,9 @@ CHECKPOINT = "checkpoints/checkpoint-100"
 # (id, command, damage done to the run copy, argv after the command, what the one stderr line must name)
 CASES = [
     ("trainer-state-not-json", "train", lambda: write(f"{CHECKPOINT}/trainer_state.json", b'{"global_step": 10'),
-     RESUME, "checkpoint-100: trainer_state.json is not valid JSON"),
+     RESUME, "checkpoint-100: trainer_state.json line 1 is not valid JSON"),
     ("trainer-state-not-json", "check", lambda: write(f"{CHECKPOINT}/trainer_state.json", b'{"global_step": 10'),
-     RESUME, "checkpoint-100: trainer_state.json is not valid JSON"),
+     RESUME, "checkpoint-100: trainer_state.json line 1 is not valid JSON"),
     ("trainer-state-unknown-field", "check", lambda: write(f"{CHECKPOINT}/trainer_state.json", {"steps": 1}),
      RESUME, "trainer_state.json does not hold a trainer state"),
     ("trainer-state-null", "train", lambda: write(f"{CHECKPOINT}/trainer_state.json", None),
@@ -67,7 +69,7 @@ CASES = [
     ("checkpoint-optimizer-cut", "check", lambda: cut(f"{CHECKPOINT}/optimizer.safetensors"),
      RESUME, "optimizer.safetensors is cut short"),
     ("checkpoint-scheduler-not-json", "train", lambda: write(f"{CHECKPOINT}/scheduler.json", b"{"),
-     RESUME, "scheduler.json is not valid JSON"),
+     RESUME, "checkpoint-100: scheduler.json line 1 is not valid JSON"),
     ("metrics-null-line", "train", lambda: append_metrics("null"), RESUME, "metrics.jsonl line 5 is null"),
     ("metrics-list-line", "train", lambda: append_metrics("[1, 2]"), RESUME, "metrics.jsonl line 5 is a list"),
     ("metrics-bad-json", "check", lambda: append_metrics("{oops"), RESUME, "metrics.jsonl line 5 is not valid JSON"),
@@ -78,7 +80,7 @@ CASES = [
     ("metrics-string-loss", "report", lambda: append_metrics('{"step": 101, "loss": "low"}'), [RUN],
      'line 5: loss is a string "low"'),
     ("environment-not-json", "train", lambda: write("environment.json", b"[{"), RESUME,
-     "environment.json is not valid JSON"),
+     "environment.json line 1 is not valid JSON"),
     ("environment-object", "train", lambda: write("environment.json", {"device": "cpu"}), RESUME,
      "environment.json holds an object, not a JSON list"),
     ("environment-entry-without-device", "check", lambda: write("environment.json", [{"step": 0}]), RESUME,
@@ -88,7 +90,7 @@ CASES = [
     ("template-missing", "merge", lambda: Path(RUN, "adapter/template.json").unlink(), [RUN, "--output", "m"],
      "template.json is missing"),
     ("template-not-json", "generate", lambda: write("adapter/template.json", b"{'name': 'alpaca'}"),
-     [RUN, "--prompt", "x"], "template.json is not valid JSON"),
+     [RUN, "--prompt", "x"], "template.json line 1 is not valid JSON"),
     ("template-unknown-field", "export", lambda: write("adapter/template.json", {"name": "x", "turns": 2}),
      [RUN, "--output", "x"], "template.json does not hold a prompt template"),
     ("template-number", "generate", lambda: write("adapter/template.json", {"name": "x", "reply_end": 5}),
@@ -104,9 +106,9 @@ CASES = [
     ("adapter-empty", "generate", lambda: write("adapter/adapter_model.safetensors", b""), [RUN, "--prompt", "x"],
      "adapter_model.safetensors is cut short"),
     ("adapter-config-not-json", "generate", lambda: cut("adapter/adapter_config.json"), [RUN, "--prompt", "x"],
-     "adapter_config.json is not valid JSON"),
+     "adapter_config.json line 32 is not valid JSON"),
     ("adapter-config-not-json", "merge", lambda: cut("adapter/adapter_config.json"), [RUN, "--output", "m"],
-     "adapter_config.json is not valid JSON"),
+     "adapter_config.json line 32 is not valid JSON"),
     ("adapter-config-list", "eval", lambda: write("adapter/adapter_config.json", []),
      [RUN, "--problems", str(PROBLEMS), "--out", "o", "--allow-code-execution"], "adapter_config.json holds a list"),
     ("adapter-config-rank-edited", "generate",
@@ -117,20 +119,20 @@ CASES = [
      lambda: write("adapter/adapter_config.json", {**json.loads(Path(RUN, "adapter/adapter_config.json").read_text()),
                                                    "r": "16"}),
      [RUN, "--output", "m"], 'adapter_config.json holds r a string "16"'),
-    ("eval-summary-not-json", "report", lambda: evaluated(b'{"pass@1": '), [RUN], "summary.json is not valid JSON"),
+    ("eval-summary-not-json", "report", lambda: evaluated(b'{"pass@1": '), [RUN], "summary.json line 1 is not valid JSON"),
     ("eval-summary-not-json", "merge", lambda: evaluated(b'{"pass@1": '), [RUN, "--output", "m"],
-     "summary.json is not valid JSON"),
+     "summary.json line 1 is not valid JSON"),
     ("eval-summary-list", "report", lambda: evaluated([0.5]), [RUN], "summary.json holds a list"),
     ("eval-summary-string-score", "report", lambda: evaluated({"pass@1": "high"}), [RUN],
      'pass@1 is a string "high", not a score'),
     ("eval-summary-bad-base", "merge", lambda: evaluated({"pass@1": 0.5, "base": {"pass@1": 7}}),
      [RUN, "--output", "m"], "base pass@1 is a number 7"),
-    ("recipe-rank-edited", "train", lambda: edit_recipe("  r: 16\n", "  r: 8\n"), ["run/recipe.yaml"],
+    ("recipe-rank-edited", "train", lambda: edit_recipe("  r: 16\n", "  r: 8\n"), HERE,
      "recipe.yaml was edited after the run trained with it: lora.r (16 -> 8)"),
-    ("recipe-rank-edited", "check", lambda: edit_recipe("  r: 16\n", "  r: 8\n"), ["run/recipe.yaml"],
+    ("recipe-rank-edited", "check", lambda: edit_recipe("  r: 16\n", "  r: 8\n"), HERE,
      "recipe.yaml was edited after the run trained with it: lora.r (16 -> 8)"),
     ("recipe-learning-rate-edited", "train", lambda: edit_recipe("learning_rate: 0.01", "learning_rate: 0.02"),
-     ["run/recipe.yaml", "--set", "train.max_steps=101"], "train.learning_rate (0.01 -> 0.02)"),
+     RESUME, "train.learning_rate (0.01 -> 0.02)"),
 ]
 
 
