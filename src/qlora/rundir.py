@@ -118,7 +118,7 @@ def record_recipe(run: Path, recipe: Recipe) -> None:
     the file is told from the recipe the run trained with."""
     text = dump_recipe(recipe)
     write_atomic(run / RECIPE_FILE, text)
-    marker = {k: v for k, v in read_marker(run).items() if k != "written_by"}
+    marker = {k: v for k, v in read_marker(run).items() if k not in ("written_by", "recipe")}
     write_marker(run, "train", **marker, recipe={"sha256": hashlib.sha256(text.encode()).hexdigest(),
                                                  "values": recipe.model_dump(mode="json")})
 
