@@ -220,3 +220,12 @@ def test_a_moved_run_trains_where_it_now_is_and_names_the_old_path(run_copy, tmp
     again = CliRunner().invoke(app, ["train", "moved/recipe.yaml", "--set", "train.max_steps=102"])
     assert again.exit_code == 0 and "is complete at step 102: nothing to do" in again.stderr
     assert "note:" not in again.stderr  # recipe.yaml now names where the run is
+
+
+def test_a_deleted_adapter_is_written_again_from_the_last_checkpoint_as_the_message_says(run_copy):
+    shutil.rmtree(Path(RUN, "adapter"))
+    result = CliRunner().invoke(app, ["train", *HERE])
+    assert result.exit_code == 0, result.stderr
+    assert Path(RUN, "adapter/adapter_model.safetensors").read_bytes() == \
+        Path(RUN, CHECKPOINT, "adapter_model.safetensors").read_bytes()
+    assert (Path(RUN, "adapter/template.json").read_bytes() == (run_copy / "adapter/template.json").read_bytes())
