@@ -296,6 +296,7 @@ class CheckReport:
     trained_token_ids: dict[str, int] = field(default_factory=dict)  # lora.trained_tokens -> id
     vocabulary: int = 0  # rows of the base's embedding
     examples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) spans
+    skipped: list[str] = field(default_factory=list)  # damaged checkpoints train would pass over (RunPlan.skipped)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -413,6 +414,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
                                    tokenizer.convert_tokens_to_ids(recipe.lora.trained_tokens))),
         vocabulary=shape.vocab,
         examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
+        skipped=pre.plan.skipped,
     )
 
 
@@ -421,6 +423,8 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     from rich.markup import escape
 
     d, stats, r = report.data, report.length_stats, report.resolved
+    for line in report.skipped:
+        console.print(f"[yellow]run:[/] {escape(line)}", highlight=False)
     console.print(f"[bold]device[/] {r['device']}: compute {r['compute_dtype']}, optimizer {r['optimizer']}, "
                   f"attention {r['attn_implementation']}")
     console.print(f"[bold]loss[/] {escape(r['loss'])}", highlight=False)

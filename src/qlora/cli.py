@@ -101,9 +101,10 @@ def train(
 
     def body():
         from qlora.config import load_recipe
+        from qlora.rundir import run_in_place
         from qlora.train import train as train_recipe
 
-        train_recipe(load_recipe(recipe, set_ or []), overwrite=overwrite)
+        train_recipe(run_in_place(recipe, load_recipe(recipe, set_ or []), set_ or []), overwrite=overwrite)
 
     _run(body if nproc_per_node is None else launch)
 
@@ -131,10 +132,11 @@ def check(
 
         from qlora.check import check as check_recipe, print_report
         from qlora.config import load_recipe
+        from qlora.rundir import run_in_place
 
         if nproc_per_node < 1 or nnodes < 1:
             raise UserError(f"--nproc-per-node {nproc_per_node} --nnodes {nnodes}: give 1 or more of each")
-        loaded = load_recipe(recipe, set_ or [])
+        loaded = run_in_place(recipe, load_recipe(recipe, set_ or []), set_ or [])
         report = check_recipe(loaded, overwrite=overwrite, processes=nproc_per_node * nnodes)
         if as_json:
             typer.echo(json.dumps(report.to_json(), indent=1))

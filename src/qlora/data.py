@@ -87,8 +87,21 @@ class Template:
         (directory / TEMPLATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> Template:
-        return cls(**json.loads((directory / TEMPLATE_FILE).read_text(encoding="utf-8")))
+    def load(cls, directory: Path, fix: str = "restore it from a backup") -> Template:
+        """The template saved in `directory`; a damaged file is one line naming it and `fix`."""
+        from qlora.runfiles import damaged, kind, read_json
+
+        path = Path(directory) / TEMPLATE_FILE
+        fields = read_json(path, fix)
+        try:
+            template = cls(**fields)
+        except TypeError as exc:
+            raise damaged(path, f"does not hold a prompt template ({exc})", fix) from None
+        wrong = next((k for k, v in fields.items()
+                      if not isinstance(v, str) and not (v is None and k == "first_user_with_input")), None)
+        if wrong:
+            raise damaged(path, f"holds {wrong}: {kind(fields[wrong])}, not text", fix)
+        return template
 
 
 def _fill(fmt: str, **values: str) -> str:

@@ -19,6 +19,7 @@ from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import RunInterrupted, UserError
 from qlora.files import check_parent, complete_lines, jsonl_lines, read_jsonl
+from qlora.rundir import check_run_adapter
 from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
 
 
@@ -37,6 +38,7 @@ def is_run(path: Path) -> bool:
     if (path / RECIPE_FILE).is_file():
         if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
             raise UserError(f"{path}: the run has no finished adapter/ (was training interrupted?)")
+        check_run_adapter(path)
         return True
     if (path / "config.json").is_file() and (path / TEMPLATE_FILE).is_file():
         return False

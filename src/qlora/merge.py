@@ -19,7 +19,7 @@ from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import UserError
 from qlora.files import check_replaceable, publishing, refuse_working_directory, write_marker
-from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, read_eval_summary
+from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, check_run_adapter, read_eval_summary
 
 console = Console(stderr=True)
 
@@ -133,6 +133,8 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     if not (run / RECIPE_FILE).is_file() or not (run / ADAPTER_DIR / "adapter_config.json").is_file():
         raise UserError(f"{run}: not a finished qlora run (needs {RECIPE_FILE} and {ADAPTER_DIR}/)")
     recipe = load_recipe(run / RECIPE_FILE)
+    check_run_adapter(run)
+    evaluation = read_eval_summary(run)  # for the model card; read before the work, as every run file
     base_dir = Path(recipe.model.name_or_path)
     check_output(run, output, overwrite, [run, *([base_dir] if base_dir.is_dir() else [])])
     with publishing(output, "merge", "--output") as tmp:
@@ -157,7 +159,7 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
-        (tmp / "README.md").write_text(model_card(recipe, base, dtype, read_eval_summary(run)), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(recipe, base, dtype, evaluation), encoding="utf-8")
         write_marker(tmp, "merge", run=str(run.resolve()))
     console.print(f"[green]done:[/] merged model in {output}")
     return output

@@ -10,8 +10,9 @@ from typing import Any
 
 from qlora.config import load_recipe
 from qlora.errors import UserError
-from qlora.files import check_parent, output_lock, read_jsonl, write_atomic
+from qlora.files import check_parent, output_lock, write_atomic
 from qlora.rundir import METRICS_FILE, RECIPE_FILE, read_eval_summary
+from qlora.runfiles import read_metrics
 
 # in every report written (PNG "Software" text, HTML "generator" meta): the only files --output replaces
 MARK = "qlora report"
@@ -25,7 +26,7 @@ def read_run(run: Path) -> dict[str, Any]:
     """The run's recipe, metrics.jsonl records and, when present, its eval summary."""
     if not (run / RECIPE_FILE).is_file() or not (run / METRICS_FILE).is_file():
         raise UserError(f"{run}: not a qlora run with metrics (needs {RECIPE_FILE} and {METRICS_FILE})")
-    records = [r for _, r in read_jsonl(run / METRICS_FILE, METRICS_FILE)]
+    records = read_metrics(run / METRICS_FILE, "fix or delete that line")
     return {"name": run.resolve().name, "recipe": load_recipe(run / RECIPE_FILE), "records": records,
             "eval": read_eval_summary(run)}
 
@@ -43,16 +44,16 @@ def series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[flo
 def summary(run: dict[str, Any]) -> dict[str, Any]:
     """Recipe highlights and what the run did."""
     recipe, records = run["recipe"], run["records"]
-    train = [r for r in records if "loss" in r]
-    eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
-    times = [r["time"] for r in train if "time" in r]
+    train = [r for r in records if r.get("loss") is not None]
+    eval_losses = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    times = [r["time"] for r in train if r.get("time") is not None]
     facts = {
         "model": recipe.model.name_or_path,
         "lora": f"r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, {recipe.lora.target_modules}",
         "learning rate": f"{recipe.train.learning_rate:g} ({recipe.train.lr_scheduler})",
         "batch": f"{recipe.train.batch_size} x {recipe.train.grad_accum}",
         "steps": train[-1]["step"] if train else 0,
-        "tokens": f"{train[-1]['tokens_seen']:,}" if train else "0",
+        "tokens": f"{train[-1].get('tokens_seen') or 0:,}" if train else "0",
         "last train loss": f"{train[-1]['loss']:.4f}" if train else "n/a",
         "best eval loss": f"{min(eval_losses):.4f}" if eval_losses else "n/a",
         "wall clock": f"{(times[-1] - times[0]) / 60:.1f} min between the first and last log" if len(times) > 1

@@ -8,16 +8,18 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
 
-from qlora.config import Recipe, load_recipe
+from qlora.config import Recipe, dump_recipe, load_recipe, validate_recipe
 from qlora.errors import UserError
-from qlora.files import (MARKER, busy_message, check_replaceable, held_lock, lock_holder, read_marker, write_atomic, write_json,
-                         write_marker)
+from qlora.files import (MARKER, busy_message, check_replaceable, held_lock, lock_holder, read_marker, sha256_file,
+                         write_atomic, write_json, write_marker)
+from qlora.runfiles import checkpoint_problem, metrics_lines, read_environment
+from qlora import runfiles
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
@@ -53,7 +55,16 @@ console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a path in a mes
 def read_eval_summary(run: Path) -> dict | None:
     """The summary.json of a `qlora eval RUN --out RUN/eval`, or None when the run was not evaluated there."""
     path = run / EVAL_SUMMARY
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return runfiles.read_eval_summary(path) if path.is_file() else None
+
+
+def check_run_adapter(run: Path) -> None:
+    """A finished run's adapter/ readable (runfiles.check_adapter) before any model loads; the fix names the
+    checkpoint `train` writes it again from."""
+    last = complete_checkpoints(run / CHECKPOINT_DIR)
+    fix = (f"delete {run / ADAPTER_DIR} and run `qlora train {run / RECIPE_FILE}` to write it again from "
+           f"{last[-1].name}" if last else "restore it from a backup, or train the run again")
+    runfiles.check_adapter(run / ADAPTER_DIR, fix)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -93,7 +104,48 @@ def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
                       for key, value in values.items()} for r in (old, new))
     return [f"{key} ({json.dumps(before.get(key))} -> {json.dumps(after.get(key))})"
             for key in dict.fromkeys([*before, *after])
-            if key not in RUN_LENGTH and before.get(key) != after.get(key)]
+            if key not in (*RUN_LENGTH, "train.output_dir") and before.get(key) != after.get(key)]  # a run may move
+
+
+def trained_recipe(run: Path, marker: dict) -> Recipe:
+    """The recipe the run trained with: recorded in its marker by record_recipe (runs from before that: its
+    recipe.yaml). A recipe.yaml edited since (its sha256 differs) is refused where a value beyond the run length
+    changed: the checkpoints hold what the recorded recipe trained."""
+    on_disk = load_recipe(run / RECIPE_FILE)
+    recorded = marker.get("recipe")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("values"), dict):
+        return on_disk
+    trained = validate_recipe(recorded["values"], f"{run / MARKER} recipe")
+    edits = recipe_changes(trained, on_disk) if sha256_file(run / RECIPE_FILE) != recorded.get("sha256") else []
+    if edits:
+        raise UserError(f"train.output_dir: {run / RECIPE_FILE} was edited after the run trained with it: "
+                        f"{', '.join(edits)}. A run keeps its recipe (only {' and '.join(RUN_LENGTH)} may change): "
+                        "undo the edit to resume, or pass --overwrite to start over with it, or set another "
+                        "train.output_dir")
+    return trained
+
+
+def record_recipe(run: Path, recipe: Recipe) -> None:
+    """Write recipe.yaml and record in the run's marker what it holds (values and sha256), so that a later edit of
+    the file is told from the recipe the run trained with."""
+    text = dump_recipe(recipe)
+    write_atomic(run / RECIPE_FILE, text)
+    marker = {k: v for k, v in read_marker(run).items() if k not in ("written_by", "recipe")}
+    write_marker(run, "train", **marker, recipe={"sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                                 "values": recipe.model_dump(mode="json")})
+
+
+def run_in_place(recipe_file: Path, recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A run's own recipe.yaml trains the run where it now is: a run moved (`mv A B`) resumes at B, not at the A its
+    recipe.yaml names, with one line showing the old path. --set train.output_dir still wins."""
+    here = Path(recipe_file).resolve().parent
+    named = Path(recipe.train.output_dir).expanduser().resolve()
+    if (Path(recipe_file).name != RECIPE_FILE or named == here or read_marker(here).get("written_by") != "train"
+            or any(item.partition("=")[0].strip() == "train.output_dir" for item in overrides)):
+        return recipe
+    console.print(f"note: {recipe_file} is the recipe of the run in {here}, which it names at {named} (moved "
+                  "there since); training it where it is now")
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"output_dir": str(here)})})
 
 
 def refuse_if_locked(run: Path) -> None:
@@ -123,6 +175,8 @@ class RunPlan:
     action: Literal["start", "resume", "finish", "complete"]
     checkpoint: Path | None = None  # resume from it / write the adapter from it
     step: int = 0
+    skipped: list[str] = field(default_factory=list)  # one line per damaged newer checkpoint, passed over
+    damaged: list[Path] = field(default_factory=list)  # those checkpoints, which train removes (it rewrites them)
 
 
 def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]) -> RunPlan:
@@ -157,7 +211,7 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
         raise UserError(f"train.output_dir: {run} holds a run that trained (see its {METRICS_FILE}) but has no "
                         f"{ADAPTER_DIR}/ and no complete checkpoint to resume from; pass --overwrite to start over "
                         "(files qlora train did not write are kept) or set another train.output_dir")
-    changes = recipe_changes(load_recipe(run / RECIPE_FILE), recipe)
+    changes = recipe_changes(trained_recipe(run, marker), recipe)
     if changes:
         resolved = [key for key in RESOLVED_KEYS if any(c.startswith(key + " ") for c in changes)]
         hint = (f" ({', '.join(resolved)} as this machine resolves them: set the run's values in the recipe "
@@ -174,14 +228,27 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
     if not checkpoints:
         raise UserError(f"train.output_dir: {run} holds an adapter but no checkpoint to train on from; pass "
                         "--overwrite to start over or set another train.output_dir")
+    damaged = []
+    while checkpoints and (problem := checkpoint_problem(checkpoints[-1])):
+        damaged.append((checkpoints.pop(), problem))
+    if not checkpoints:
+        raise UserError(f"train.output_dir: no checkpoint of {run} is intact ("
+                        + "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+                        + "); pass --overwrite to start over (files qlora train did not write are kept) or set "
+                        "another train.output_dir")
     newest = checkpoints[-1]
     step = checkpoint_step(newest)
     if t.max_steps and t.max_steps < step:
         raise UserError(f"train.max_steps={t.max_steps}: {run} is already at step {step}; train longer, or pass "
                         "--overwrite to start over")
-    if run_target_reached(recipe, newest):
-        return RunPlan("finish", newest, step)
-    return RunPlan("resume", newest, step)
+    fix = "fix or delete that line, then run the same command"
+    if (run / METRICS_FILE).is_file():
+        metrics_lines(run / METRICS_FILE, fix)
+    if (run / ENVIRONMENT_FILE).is_file():
+        read_environment(run / ENVIRONMENT_FILE)
+    skipped = [f"{path} is damaged ({problem}): resuming from {newest.name} instead" for path, problem in damaged]
+    action = "finish" if run_target_reached(recipe, newest) else "resume"
+    return RunPlan(action, newest, step, skipped, [path for path, _ in damaged])
 
 
 def remove_leftovers(run: Path) -> None:
@@ -227,14 +294,8 @@ def drop_metrics_after(path: Path, step: int) -> None:
     """Keep the metrics.jsonl lines up to `step`, so a resumed run continues the file without repeats."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:  # a line cut short by a crash, or the empty string after the last "\n"
-            continue
-    write_atomic(path, "".join(kept))
+    # a line cut short by a crash is left out; the rest was validated by plan_run
+    write_atomic(path, "".join(line + "\n" for line, record in metrics_lines(path, "") if record["step"] <= step))
 
 
 def apply_plan(run: Path, plan: RunPlan, fingerprint: str) -> None:
@@ -244,6 +305,9 @@ def apply_plan(run: Path, plan: RunPlan, fingerprint: str) -> None:
         write_marker(run, "train", data=fingerprint)
         return
     remove_leftovers(run)
+    for checkpoint, line in zip(plan.damaged, plan.skipped):
+        console.print(f"{line}; removing it")
+        _remove(checkpoint)
     drop_metrics_after(run / METRICS_FILE, plan.step)
 
 
@@ -259,7 +323,7 @@ def record_environment(path: Path, step: int, device: str) -> None:
     """Append where and with what this (re)start of the run trains to environment.json; say if the device moved."""
     from importlib.metadata import version
 
-    starts = json.loads(path.read_text(encoding="utf-8")) if step and path.is_file() else []
+    starts = read_environment(path) if step and path.is_file() else []
     entry = {"step": step, "device": device,
              **{name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}}
     if starts and starts[-1]["device"] != entry["device"]:

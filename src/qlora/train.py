@@ -15,14 +15,14 @@ from rich.console import Console
 from qlora import distributed
 from qlora.check import Preflight, memory_problem, preflight, worst_micro_batch
 from qlora.collate import PackedCollator
-from qlora.config import Recipe, dump_recipe
+from qlora.config import Recipe
 from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
-from qlora.files import publish_dir, tmp_sibling, write_atomic, write_json
+from qlora.files import publish_dir, tmp_sibling, write_json
 from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
                           RECIPE_FILE, TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
-                          complete_checkpoints, mark_complete, plan_run, record_environment, run_lock)
+                          complete_checkpoints, mark_complete, plan_run, record_environment, record_recipe, run_lock)
 
 # no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
 console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
@@ -467,7 +467,7 @@ def prepare_run(recipe: Recipe, run: Path, overwrite: bool, pre: Preflight) -> R
     apply_plan(run, plan, pre.fingerprint)
     console.print(f"resuming from {plan.checkpoint} (step {plan.step})" if plan.action == "resume"
                   else f"starting {run}")
-    write_atomic(run / RECIPE_FILE, dump_recipe(recipe))
+    record_recipe(run, recipe)
     record_environment(run / ENVIRONMENT_FILE, plan.step, device_description())
     return plan
 
