@@ -154,6 +154,7 @@ def test_the_run_passes_its_problems_and_beats_its_base_and_resumes(memorised, t
         (m, f"qlora/{i}") for m in ("run", "base") for i in range(4))
     assert all(s["result"] == "passed" for s in samples if s["model"] == "run")
     assert "pass@1" in result.stdout and "base" in result.stdout
+    assert "evaluating: 8/8 (100%)" in result.stderr and "Loading weights" not in result.stderr  # not a terminal
 
     # a rerun keeps every scored sample: nothing is generated again
     lines = (out / "samples.jsonl").read_text()
@@ -193,3 +194,4 @@ def test_held_out_loss_is_lower_with_the_adapter(memorised, tmp_path):
     assert loss["run"]["loss"] < loss["base"]["loss"] / 10
     assert loss["run"]["perplexity"] == pytest.approx(math.exp(loss["run"]["loss"]))
     assert "held-out loss on 4 examples" in result.stdout
+    assert "held-out loss (run, then base): 8/8 (100%)" in result.stderr

@@ -82,6 +82,10 @@ def test_two_generate_on_one_output_file_write_every_row_once(memorised_run, tmp
         time.sleep(0.01)
     second = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
     assert first.wait() == 0, first.stderr.read()
+    # not on a terminal: qlora's own progress lines, and no tqdm bar of the libraries under it
+    log = first.stderr.read()
+    rows = len(PROMPTS.splitlines())
+    assert f"generating: {rows}/{rows} (100%)" in log and "Loading weights" not in log, log
     assert second.returncode == 2, second.stderr
     assert f"in use by a running `qlora generate` (PID {first.pid})" in second.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

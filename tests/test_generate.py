@@ -11,8 +11,8 @@ from conftest import ROW, ROW_WITH_INPUT
 from qlora.config import GenerationSection
 from qlora.errors import RunInterrupted, UserError
 from qlora.files import complete_lines
-from qlora.generate import (StopAwareStreamer, chat, cut_from_rows, generate, generate_file, load_run,
-                             read_prompt_rows, row_line, rows_already_written)
+from qlora.generate import (StopAwareStreamer, chat, cut_from_rows, decode_escapes, generate, generate_file,
+                             load_run, read_prompt_rows, row_line, rows_already_written)
 
 GREEDY = GenerationSection(max_new_tokens=60)
 
@@ -41,6 +41,18 @@ def test_several_prompts_are_separated_by_a_blank_line(memorised_run):
 def test_stream_prints_the_same_text(memorised_run):
     result = cli(memorised_run, "--stream", "--prompt", ROW["instruction"])
     assert result.stdout == ROW["output"] + "\n"
+
+
+def test_stop_typed_in_a_shell_reads_its_escapes_as_meant(memorised_run):
+    """`--stop "\\n    "` in bash passes a backslash and an n: it ends the answer at the first indented line."""
+    result = cli(memorised_run, "--temperature", "0", "--prompt", ROW["instruction"], "--stop", "\\n    ")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "def reverse(s):\n"
+
+
+def test_decode_escapes_leaves_other_backslashes_as_typed():
+    assert [decode_escapes(t) for t in ("a\\tb\\r", "\\\\n", "\\d+", "é\\n", "end\\")] == [
+        "a\tb\r", "\\n", "\\d+", "é\n", "end\\"]
 
 
 def test_beam_search(loaded):

@@ -10,7 +10,7 @@ import pytest
 from matplotlib import image
 
 from qlora.errors import UserError
-from qlora.report import SERIES, report, series
+from qlora.report import SERIES, figure, read_run, report, series
 
 RECORDS = [
     {"step": 1, "loss": 2.0, "learning_rate": 1e-4, "grad_norm": None, "tokens_per_second": 10.0, "tokens_seen": 5},
@@ -39,6 +39,11 @@ def test_png_and_html_reports_of_a_run_and_of_two(memorised_run, tmp_path):
     assert summaries[0]["steps"] == 100 and summaries[0]["pass@1"] == "1.000"
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert summaries[0]["last train loss"] == f"{last['loss']:.4f}"
+
+    fig = figure([read_run(run)])
+    model = read_run(run)["recipe"].model.name_or_path
+    assert fig.get_suptitle() == f"qlora report: run ({model})"  # which run, of which model, is on the page
+    assert all(ax.has_data() for ax in fig.axes if ax.get_visible())  # no empty panel
 
     page, _ = report([run, memorised_run], tmp_path / "both.html")
     text = page.read_text()

@@ -163,3 +163,29 @@ def test_train_extra_takes_only_fields_the_recipe_does_not_own(make_recipe, extr
     with pytest.raises(UserError, match=f"^{re.escape(message)}"):
         train(recipe)
     assert not Path(recipe.train.output_dir).exists()  # refused before anything was written
+
+
+def test_tokens_per_second_leaves_out_checkpoint_saves_and_evals(tmp_path, monkeypatch):
+    """Steps of 1 s each over 100 tokens, logged every 2 steps, with a 30 s save (and eval) after step 2: every
+    record says 100 tokens/s, where counting the save made step 4's 6.2 tokens/s, a dip that is not the training."""
+    from types import SimpleNamespace
+
+    import qlora.train as t
+
+    clock = [0.0]
+    monkeypatch.setattr(t.time, "perf_counter", lambda: clock[0])
+    callback = t.make_metrics_callback(tmp_path / "metrics.jsonl")
+    state = SimpleNamespace(num_input_tokens_seen=0, global_step=0, epoch=0.0, is_world_process_zero=True)
+    callback.on_train_begin(None, state, None)
+    for step in range(1, 7):
+        callback.on_step_begin(None, state, None)
+        clock[0] += 1.0
+        state.num_input_tokens_seen += 100
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        if step % 2 == 0:
+            callback.on_log(None, state, None, logs={"loss": 1.0})
+        if step == 2:
+            clock[0] += 30.0  # an eval and a checkpoint save
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["tokens_per_second"]) for r in records] == [(2, 100.0), (4, 100.0), (6, 100.0)]

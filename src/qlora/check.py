@@ -1,7 +1,7 @@
 """`qlora check`: a pre-flight report on the data, the masking and the memory a recipe will need.
 
 It loads the tokenizer, the data and the model's config only (never the weights), runs the same
-row checks `train` runs, and estimates peak GPU memory from the config alone.
+row checks `train` runs, and estimates peak memory (the GPU's, or RAM on a CPU) from the config alone.
 """
 
 from __future__ import annotations
@@ -452,8 +452,10 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         console.print("lora.trained_tokens: " + ", ".join(f"{escape(t)} id {i}" for t, i in tokens.items()) + grown,
                       highlight=False)
     m = report.memory
-    gpus = (f" per GPU, {m['processes']} GPUs with {recipe.train.distributed}" if m["processes"] > 1 else "")
-    console.print(f"[bold]peak GPU memory estimate: {m['total'] / GB:.2f} GiB{gpus}[/] (micro-batch of "
+    on_gpu = r["device"].startswith("cuda")
+    memory, one, many = ("GPU memory", "GPU", "GPUs") if on_gpu else ("RAM (CPU training)", "process", "processes")
+    each = f" per {one}, {m['processes']} {many} with {recipe.train.distributed}" if m["processes"] > 1 else ""
+    console.print(f"[bold]peak {memory} estimate: {m['total'] / GB:.2f} GiB{each}[/] (micro-batch of "
                   f"{m['tokens_per_micro_batch']:,} tokens, longest example x batch_size)")
     for name, value in m["parts"].items():
         console.print(f"  {name:<30} {value / GB:8.3f} GiB")

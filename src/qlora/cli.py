@@ -160,7 +160,9 @@ def generate(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per answer.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(help=">1 discourages repeats.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed: same seed, same text.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="End the output before this string (repeatable).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        help=r"End the output before this string (repeatable); \n, \t, \r and \\ are a newline, tab, return and "
+             "backslash.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = False,
     chat: Annotated[bool, typer.Option(help="Interactive: one instruction per line; Ctrl-D ends.")] = False,
     input_file: Annotated[Optional[Path], typer.Option(help="A .jsonl of rows in the training format.")] = None,
@@ -185,12 +187,13 @@ def generate(
             raise UserError("--input-file and --output-file go together")
         if any(not p.strip() for p in prompt or []):
             raise UserError("--prompt: an instruction is empty; give the text to answer")
-        if any(s == "" for s in stop or []):
+        stops = [g.decode_escapes(s) for s in stop] if stop else stop
+        if any(s == "" for s in stops or []):
             raise UserError('--stop "": an empty stop string would end every answer before it starts; drop it')
         if batch_size < 1:
             raise UserError(f"--batch-size {batch_size}: give 1 or more prompts per batch")
         flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, seed=seed,
-                     max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, stop=stop)
+                     max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, stop=stops)
         defaults = with_generation_overrides(GenerationSection(), flags)
         if stream or chat:
             g.check_streamable(defaults)
@@ -424,7 +427,7 @@ def eval_(
                                               limits, workers, batch_size, console)
                 print_eval_table(summary, ks)
             if loss is not None:
-                result = ev.heldout_loss(loaded, loss)
+                result = ev.heldout_loss(loaded, loss, console)
                 if out is not None:
                     write_json(out / ev.LOSS_FILE, result)
                 typer.echo(f"held-out loss on {result['examples']} examples ({result['trained_tokens']} trained "
@@ -541,6 +544,9 @@ def main() -> None:
     type) is one line on stderr and exit 2, like every other bad input."""
     from typer.core import _click
 
+    if not sys.stderr.isatty():  # a log file or CI: no tqdm bars redrawn line by line; qlora prints its own progress
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
     command = typer.main.get_command(app)
     name_value_types(command)
     try:

@@ -21,6 +21,7 @@ from typing import Any
 from qlora.errors import UserError
 from qlora.files import (check_parent, complete_lines, jsonl_lines, read_jsonl, read_marker, sha256_file,
                          write_atomic, write_json, write_marker)
+from qlora.progress import progress
 from qlora.sandbox import Limits, run_program
 
 EXECUTION_ENV = "QLORA_ALLOW_CODE_EVAL"
@@ -268,14 +269,11 @@ def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[in
     """Generate n completions per problem with the run (and its base, adapter disabled, with the same seeds),
     execute them, append each to out/samples.jsonl as it is scored, and write out/summary.json. Samples already
     in out/samples.jsonl are kept, so an interrupted command resumes."""
-    from rich.progress import Progress
-
     path = out / SAMPLES_FILE
     done = read_done(path)
     have = {(r["model"], r["task_id"], r["sample"]) for r in done}
     models = ["run", "base"] if compare_base else ["run"]
-    with Progress(console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("evaluating", total=len(models) * len(problems))
+    with progress(console, "evaluating", len(models) * len(problems)) as bar:
         for model in models:
             with loaded.model.disable_adapter() if model == "base" else nullcontext():
                 for index, problem in enumerate(problems):
@@ -288,7 +286,7 @@ def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[in
                                        {problem.task_id: problem}, style, limits, workers)
                         append(path, rows)
                         done += rows
-                    progress.advance(task)
+                    bar.advance()
     def asked(model: str) -> list[dict[str, Any]]:  # an earlier eval may have drawn more samples (a larger --n)
         return [r for r in done if r["model"] == model and r["sample"] < n]
 
@@ -322,7 +320,7 @@ def score_samples(rows: list[dict[str, Any]], problems: list[Problem], out: Path
     return summary
 
 
-def heldout_loss(loaded, path: Path) -> dict[str, Any]:
+def heldout_loss(loaded, path: Path, console) -> dict[str, Any]:
     """Mean loss over the trained tokens of `path` (the run's data format, template and masking) and its
     perplexity, with the adapter and without it."""
     import torch
@@ -337,14 +335,16 @@ def heldout_loss(loaded, path: Path) -> dict[str, Any]:
     base = loaded.model.get_base_model()
     head, device = fusable_head(base), next(base.parameters()).device
     result: dict[str, Any] = {"examples": len(ids)}
-    for model in ("run", "base"):
-        total, tokens = 0.0, 0
-        with torch.no_grad(), loaded.model.disable_adapter() if model == "base" else nullcontext():
-            for i, lab in zip(ids, labels):
-                loss, count = trained_token_loss(base, head, {"input_ids": torch.tensor([i], device=device),
-                                                              "labels": torch.tensor([lab], device=device)})
-                total, tokens = total + loss.item(), tokens + int(count)
-        mean = total / max(tokens, 1)
-        result[model] = {"loss": mean, "perplexity": math.exp(mean)}
-        result["trained_tokens"] = tokens
+    with progress(console, "held-out loss (run, then base)", 2 * len(ids)) as bar:
+        for model in ("run", "base"):
+            total, tokens = 0.0, 0
+            with torch.no_grad(), loaded.model.disable_adapter() if model == "base" else nullcontext():
+                for i, lab in zip(ids, labels):
+                    loss, count = trained_token_loss(base, head, {"input_ids": torch.tensor([i], device=device),
+                                                                  "labels": torch.tensor([lab], device=device)})
+                    total, tokens = total + loss.item(), tokens + int(count)
+                    bar.advance()
+            mean = total / max(tokens, 1)
+            result[model] = {"loss": mean, "perplexity": math.exp(mean)}
+            result["trained_tokens"] = tokens
     return result

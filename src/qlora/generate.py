@@ -70,6 +70,15 @@ def load_run(path: str | Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, template, recipe)
 
 
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def decode_escapes(text: str) -> str:
+    """A --stop value as its user means it: `\\n`, `\\t`, `\\r` and `\\\\` typed in a shell are a newline, a
+    tab, a carriage return and a backslash; any other backslash stays as typed."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text, flags=re.S)
+
+
 def cut_at_stop(text: str, stop: list[str]) -> str:
     """The text before the first occurrence of any stop string."""
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
@@ -282,15 +291,14 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
                   sampling: GenerationSection, batch_size: int = 8) -> tuple[int, int]:
     """Append each row of `in_path` not yet in `out_path`, with a `generation` field, batch by batch (each batch
     flushed to disk); returns (rows written now, rows there before). Ctrl-C keeps every finished batch."""
-    from rich.progress import Progress
+    from qlora.progress import progress
 
     done = rows_already_written(out_path, in_path, rows)
     if out_path.exists():  # checked again as it is cut: the file may have changed while the model loaded
         complete_lines(out_path, "--output-file", cut_from_rows(rows))
     written = 0
     try:
-        with out_path.open("a", encoding="utf-8") as out, Progress(console=console) as progress:
-            task = progress.add_task("generating", total=len(rows), completed=done)
+        with out_path.open("a", encoding="utf-8") as out, progress(console, "generating", len(rows), done) as bar:
             for start in range(done, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
                 texts = generate(loaded, [(r["instruction"], r.get("input") or "") for r in batch], sampling,
@@ -299,7 +307,7 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
                 out.flush()
                 os.fsync(out.fileno())
                 written += len(batch)
-                progress.advance(task, len(batch))
+                bar.advance(len(batch))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM under errors.interruptible
         signum = getattr(exc, "signum", signal.SIGINT)
         raise RunInterrupted(f"{signal.Signals(signum).name}: {done + written} of {len(rows)} rows are in "

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from qlora.errors import RunFailed, UserError
+from qlora.progress import run_tool
 
 console = Console(stderr=True)
 
@@ -76,9 +76,9 @@ def llama_cpp_dir(cache: str | Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         console.print(f"Downloading llama-cpp-python {LLAMA_CPP_PYTHON} source from PyPI (~77 MB, no build) "
                       f"for llama.cpp's converter; unpacking into {target}")
-        pip = subprocess.run(
+        pip = run_tool(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--progress-bar", "off",
-             "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
+             "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], console, "downloading")
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if pip.returncode or not sdists:
             raise RunFailed(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON} with pip: "
@@ -117,9 +117,9 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16", ll
     tmp = outfile.with_name(outfile.name + ".tmp")
     console.print(f"converting {model_dir} to {outtype} GGUF with llama.cpp's {CONVERTER}")
     # the converter puts its own gguf-py first on sys.path, ahead of any installed `gguf`
-    result = subprocess.run(
+    result = run_tool(
         [sys.executable, str(llama_cpp / CONVERTER), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
-        capture_output=True, text=True)
+        console, "converting")
     if result.returncode:
         tmp.unlink(missing_ok=True)
         raise RunFailed(f"llama.cpp's {CONVERTER} could not convert {model_dir}: {_last_line(result.stderr)}")

@@ -107,6 +107,8 @@ def figure(runs: list[dict[str, Any]]):
         ax.set_visible(False)
     if len(runs) > 1:
         flat[0].legend(fontsize=8)
+    fig.suptitle("qlora report: " + ", ".join(f"{r['name']} ({r['recipe'].model.name_or_path})" for r in runs),
+                 fontsize=10)
     fig.tight_layout()
     return fig
 

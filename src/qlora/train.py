@@ -104,12 +104,28 @@ class SignalStop:
 
 
 def make_metrics_callback(path: Path):
-    """A TrainerCallback appending one JSON object per logging step to metrics.jsonl."""
+    """A TrainerCallback appending one JSON object per logging step to metrics.jsonl. Its tokens/s counts the time
+    of training steps only: what runs between two steps (logging, eval, a checkpoint save) is left out, so a save
+    is not a dip in the curve."""
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.between, self.step_ended = 0.0, None  # seconds spent between steps since the last record
+
+        def pause(self) -> None:
+            if self.step_ended is not None:
+                now = time.perf_counter()
+                self.between += now - self.step_ended
+                self.step_ended = now
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ended = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.pause()
+            self.step_ended = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero:  # every rank logs the same (reduced) figures
@@ -119,7 +135,9 @@ def make_metrics_callback(path: Path):
                     f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
             if not logs or "loss" not in logs:
                 return
+            self.pause()
             now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            stepping = now - self.last_time - self.between
             record = {
                 "step": state.global_step,
                 "epoch": round(state.epoch or 0.0, 4),
@@ -127,10 +145,10 @@ def make_metrics_callback(path: Path):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_seen": tokens,
-                "tokens_per_second": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
+                "tokens_per_second": round((tokens - self.last_tokens) / max(stepping, 1e-9), 1),
                 "time": round(time.time(), 3),  # wall clock, for the report's elapsed time
             }
-            self.last_time, self.last_tokens = now, tokens
+            self.last_time, self.last_tokens, self.between = now, tokens, 0.0
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
