@@ -220,8 +220,15 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
 
 
 def check_fsdp(q: QuantizationSection, optimizer: str) -> None:
-    """FSDP-QLoRA as peft documents it: the 4-bit weights stored in the compute dtype, and not the 8-bit optimizers
-    (their state fails to save under FSDP, peft's caveats say)."""
+    """FSDP-QLoRA as peft documents it: GPUs, the 4-bit weights stored in the compute dtype, and not the 8-bit
+    optimizers (their state fails to save under FSDP, peft's caveats say)."""
+    import torch
+
+    # accelerate 1.16 makes its FSDP plugin for accelerator devices only (AcceleratorState): on CPU ranks the
+    # trainer would silently run DDP
+    if not torch.cuda.is_available():
+        raise UserError("train.distributed: fsdp shards the model across CUDA GPUs and this machine has none; "
+                        "use ddp (the default), which also runs on CPU")
     if q.load_in_8bit:
         raise UserError("quantization.load_in_8bit with train.distributed: fsdp: FSDP shards 4-bit weights only "
                         "(peft's FSDP guide); use load_in_4bit or ddp")

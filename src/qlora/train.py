@@ -405,7 +405,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
                       f"attention {recipe.model.attn_implementation}")
         world = distributed.world_size()
         if world > 1:
-            console.print(f"{world} processes (DDP): effective batch {t.batch_size} x {t.grad_accum} x {world} = "
+            console.print(f"{world} processes ({'FSDP' if sharded(recipe) else 'DDP'}): effective batch "
+                          f"{t.batch_size} x {t.grad_accum} x {world} = "
                           f"{t.batch_size * t.grad_accum * world} examples per optimizer step")
         width = f"4-bit {q.quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "full precision"
         console.print(f"loading {recipe.model.name_or_path} ({width})")
