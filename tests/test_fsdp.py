@@ -12,12 +12,13 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 from trl import SFTConfig
 
 from conftest import recipe_for
+from qlora.check import GB, estimate_memory, memory_problem, model_shape
 from qlora.checkpoint import QLoRATrainer
-from qlora.config import dump_recipe
+from qlora.config import dump_recipe, validate_recipe
 from qlora.model import add_lora, load_quantized_base, load_tokenizer
 from qlora.train import sft_arguments
 from test_distributed import ROWS, free_port, qlora_train
@@ -102,6 +103,23 @@ def test_the_adapter_is_in_the_storage_dtype_when_sharded_and_the_trainer_keeps_
     trainer = QLoRATrainer(model=model, args=SFTConfig(**arguments), processing_class=tokenizer,
                            train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]}))
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {adapter}
+
+
+def test_fsdp_is_refused_where_one_gpu_cannot_load_the_whole_4bit_base(tmp_path, monkeypatch):
+    """Llama-2-70B on 4 GPUs of 24 GB: its shards and a batch would fit, but each GPU loads the 4-bit base whole."""
+    LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8).save_pretrained(tmp_path)
+    recipe = validate_recipe({"model": {"name_or_path": str(tmp_path)}, "data": {"path": "x.json"},
+                              "quantization": {"compute_dtype": "bfloat16", "quant_storage": "bfloat16"},
+                              "train": {"output_dir": "x", "batch_size": 1, "distributed": "fsdp",
+                                        "optimizer": "adamw_torch"}}, "r")  # auto, resolved on a GPU
+    memory = estimate_memory(recipe, model_shape(recipe), 1024, processes=4)
+    assert sum(memory["parts"].values()) < 24 * GB < memory["loading_whole_base"] == memory["total"]
+    monkeypatch.setattr("qlora.model.device_memory", lambda: (24 * GB, "cuda:0"))
+    assert memory_problem(recipe, memory) == (
+        "train.distributed: fsdp: every GPU loads the whole 4-bit base before FSDP shards it, an estimated 33.9 GiB, "
+        "more than the 24.0 GiB of cuda:0 (accelerate 1.16 loads only a full-precision base on rank 0 alone); use "
+        "GPUs with more memory")
 
 
 def write_recipe(directory: Path, model_dir: Path, **train_section) -> Path:

@@ -424,7 +424,9 @@ def fsdp_arguments(recipe: Recipe) -> dict:
     cpu_ram_efficient_loading makes accelerate broadcast a full-precision base from rank 0 to the others (put on
     meta); accelerate 1.16 skips that for a 4-bit base (fsdp2_prepare_model), so each rank loads the 4-bit base
     whole and keeps its shard. `load_quantized_base` sets it in the environment before the load, as accelerate's
-    launcher would."""
+    launcher would. Activation checkpointing stays the trainer's (transformers warns that FSDP's own saves an
+    all-gather): accelerate's wraps each layer with preserve_rng_state=False, so LoRA dropout would draw other masks
+    when backward recomputes the layer."""
     return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if sharded(recipe) else {}
 
 
