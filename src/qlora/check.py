@@ -150,6 +150,10 @@ def memory_problem(recipe: Recipe, memory: dict[str, Any]) -> str | None:
     available, device = device_memory()
     if memory["total"] <= available:
         return None
+    if memory["loading_whole_base"] > available:
+        return (f"train.distributed: fsdp: every GPU loads the whole 4-bit base before FSDP shards it, an estimated "
+                f"{memory['loading_whole_base'] / GB:,.1f} GiB, more than the {available / GB:.1f} GiB of {device} "
+                "(accelerate 1.16 loads only a full-precision base on rank 0 alone); use GPUs with more memory")
     rows = recipe.train.batch_size
     return (f"train.batch_size: {rows} rows of {memory['tokens_per_micro_batch'] // rows:,} tokens (the longest "
             f"example) need an estimated {memory['total'] / GB:,.1f} GiB, more than the {available / GB:.1f} GiB of "
@@ -203,7 +207,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     """Peak memory (bytes) of one GPU by part, for a micro-batch of `tokens` tokens of which `trained` (all by
     default) are scored by the LM head (`qlora check`: batch_size rows of the longest example, each with the most
     trained tokens of any example: the worst case), with `processes` GPUs training: DDP holds everything on every
-    GPU, FSDP splits the weights and the adapter's state over them.
+    GPU, FSDP splits the weights and the adapter's state over them once it has loaded the 4-bit base whole on each.
 
     The formula is written out in the README ("Memory estimate"); scripts/bench.py measures each part.
     """
@@ -257,9 +261,13 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     }
     if embedding_rows:
         parts["trained_token_embedding_gradient"] = shape.vocab * h * 4
+    # FSDP: each GPU loads the 4-bit base whole before it keeps its shard: transformers 5.25 loads it on every rank,
+    # and accelerate 1.16 loads on rank 0 alone only a base without 4-bit weights (fsdp2_prepare_model)
+    loading = weights + constants + shape.other * compute if share > 1 and q.load_in_4bit else 0
     return {
         "parts": parts,
-        "total": sum(parts.values()),
+        "total": max(sum(parts.values()), loading),
+        "loading_whole_base": loading,
         "activations_with_checkpointing": with_ckpt,
         "activations_without_checkpointing": without_ckpt,
         "tokens_per_micro_batch": tokens,

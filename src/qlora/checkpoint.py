@@ -125,20 +125,18 @@ def set_rng_state(state: dict) -> None:
 class QLoRATrainer(SFTTrainer):
     """SFTTrainer with atomic, pickle-free checkpoints and a stop at the first non-finite loss or gradient."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, model, **kwargs):
+        # SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as add_lora made it, so the
+        # two runs would diverge (and under FSDP a float16 base would get a bf16 adapter): add_lora's dtypes stay
+        dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
+        super().__init__(*args, model=model, **kwargs)
+        for name, param in self.model.named_parameters():
+            if name in dtypes:
+                param.data = param.data.to(dtypes[name])
         self.overflows = 0  # fp16 loss-scale overflows in a row
-        self.adapter_to_float32()
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if hasattr(base, "router_aux_loss_coef"):  # SFTTrainer set the config's; the forward reads its own copy
             base.router_aux_loss_coef = self.router_aux_loss_coef
-
-    def adapter_to_float32(self):
-        """SFTTrainer casts a quantized model's adapter to bf16, while resuming loads it as float32, so the two runs
-        would diverge; float32 adapters (bf16 stays for compute) train identically fresh and resumed."""
-        for param in self.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(torch.float32)
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N into `.checkpoint-N.tmp`, rename it when complete, then apply save_total_limit.
@@ -281,9 +279,6 @@ class ShardedQLoRATrainer(QLoRATrainer):
     _save_rng_state = SFTTrainer._save_rng_state
     _load_rng_state = SFTTrainer._load_rng_state
     compute_loss = SFTTrainer.compute_loss
-
-    def adapter_to_float32(self):
-        """FSDP flattens one dtype per unit: the adapter stays in the storage dtype."""
 
 
 class StopAtSignal(TrainerCallback):

@@ -290,9 +290,9 @@ class TrainSection(_Section):
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="With several processes (`--nproc-per-node`, torchrun, accelerate launch): ddp = every GPU holds "
-        "the 4-bit base and trains on its share of the batches; fsdp = the 4-bit weights are sharded across the GPUs "
-        "(FSDP-QLoRA, for a model that does not fit one GPU; CUDA only; needs quantization.quant_storage = the "
-        "compute dtype).",
+        "the 4-bit base and trains on its share of the batches; fsdp = the weights and the adapter's state are sharded "
+        "across the GPUs (FSDP-QLoRA; each GPU still loads the 4-bit base whole first; CUDA only; needs "
+        "quantization.quant_storage = the compute dtype).",
     )
 
 

@@ -220,10 +220,12 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
 
 
 def check_fsdp(q: QuantizationSection, optimizer: str) -> None:
-    """FSDP-QLoRA as peft documents it: CUDA GPUs, the 4-bit weights stored in the compute dtype, and not the 8-bit
+    """FSDP-QLoRA as peft documents it: GPUs, the 4-bit weights stored in the compute dtype, and not the 8-bit
     optimizers (their state fails to save under FSDP, peft's caveats say)."""
     import torch
 
+    # accelerate 1.16 makes its FSDP plugin for accelerator devices only (AcceleratorState): on CPU ranks the
+    # trainer would silently run DDP
     if not torch.cuda.is_available():
         raise UserError("train.distributed: fsdp shards the model across CUDA GPUs and this machine has none; "
                         "use ddp (the default), which also runs on CPU")
@@ -410,12 +412,34 @@ def sharded(recipe: Recipe) -> bool:
     return recipe.train.distributed == "fsdp" and distributed.world_size() > 1
 
 
+FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+               "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT"}
+
+
+def fsdp_arguments(recipe: Recipe) -> dict:
+    """SFTConfig's FSDP fields under train.distributed: fsdp with several processes: FSDP2 (`fully_shard`, the
+    version transformers 5 defaults to, FSDP1 being deprecated) with only the keys FSDP2 reads: each decoder layer
+    its own unit, resharded after forward, and the adapter saved whole, as peft's FSDP guide saves it.
+
+    cpu_ram_efficient_loading makes accelerate broadcast a full-precision base from rank 0 to the others (put on
+    meta); accelerate 1.16 skips that for a 4-bit base (fsdp2_prepare_model), so each rank loads the 4-bit base
+    whole and keeps its shard. `load_quantized_base` sets it in the environment before the load, as accelerate's
+    launcher would. Activation checkpointing stays the trainer's (transformers warns that FSDP's own saves an
+    all-gather): accelerate's wraps each layer with preserve_rng_state=False, so LoRA dropout would draw other masks
+    when backward recomputes the layer."""
+    return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if sharded(recipe) else {}
+
+
 def load_quantized_base(recipe: Recipe):
     """The frozen base model, in 4-bit NF4 (double-quantized) when the recipe says so."""
     from transformers import AutoModelForCausalLM
 
     warn_remote_code(recipe.model)
     q = recipe.quantization
+    if sharded(recipe) and FSDP_CONFIG["cpu_ram_efficient_loading"]:
+        from accelerate.utils import enable_fsdp_ram_efficient_loading
+
+        enable_fsdp_ram_efficient_loading()  # read by from_pretrained (transformers' is_fsdp_enabled)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             recipe.model.name_or_path,
@@ -425,7 +449,9 @@ def load_quantized_base(recipe: Recipe):
             # FSDP flattens every weight of a unit into one tensor: all in the storage dtype (peft's FSDP-QLoRA guide)
             dtype=torch_dtype(q.quant_storage) if sharded(recipe) else compute_torch_dtype(q),
             attn_implementation=recipe.model.attn_implementation,
-            device_map=device_map(),
+            # sharding: no device_map, as the FSDP-QLoRA guides load (bitsandbytes then puts the base on this rank's
+            # device, accelerate on rank 0's for a full-precision one)
+            **({} if sharded(recipe) else {"device_map": device_map()}),
         )
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r} "
@@ -473,10 +499,14 @@ def add_lora(model, recipe: Recipe, tokenizer):
     fit_vocabulary(model, tokenizer)
     lora_config = get_lora_config(recipe.lora, trainable_token_indices(model, recipe.lora, tokenizer))
     if sharded(recipe):
-        # FSDP needs one dtype per unit, so no float32 upcast (TRL skips it for sharded QLoRA too); the trainer
-        # turns gradient checkpointing on
+        # FSDP needs one dtype per unit: the adapter in the storage dtype like the base, not float32 (peft's FSDP-QLoRA
+        # guide; accelerate keeps a 4-bit model's dtypes); the trainer turns gradient checkpointing on
         model.enable_input_require_grads()
-        return get_peft_model(model, lora_config)
+        peft_model = get_peft_model(model, lora_config)
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch_dtype(recipe.quantization.quant_storage))
+        return peft_model
     if recipe.quantization.quantized:
         model = prepare_model_for_kbit_training(
             model,

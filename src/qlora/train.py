@@ -19,7 +19,7 @@ from qlora.config import Recipe
 from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
 from qlora.files import publish_dir, tmp_sibling, write_json
-from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
+from qlora.model import add_lora, device_description, fsdp_arguments, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
                           RECIPE_FILE, TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
                           complete_checkpoints, mark_complete, plan_run, record_environment, record_recipe, run_lock)
@@ -358,16 +358,6 @@ def check_extra(recipe: Recipe) -> None:
             raise UserError(f"train.extra: SFTConfig refuses {recipe.train.extra}: {one_line(exc)}") from None
 
 
-def fsdp_arguments(recipe: Recipe) -> dict:
-    """train.distributed: fsdp under several processes: the FSDP configuration of peft's FSDP-QLoRA guide (full
-    sharding of each decoder layer, flat parameters, weights loaded once and broadcast from rank 0)."""
-    if not sharded(recipe):
-        return {}
-    return {"fsdp": "full_shard auto_wrap",
-            "fsdp_config": {"use_orig_params": False, "cpu_ram_efficient_loading": True, "sync_module_states": True,
-                            "backward_prefetch": "backward_pre", "forward_prefetch": False}}
-
-
 def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = None) -> Path:
     """Train the recipe's adapter and return the run directory; a run already there is resumed, or finished
     from its last checkpoint, or left as it is when complete.
@@ -433,7 +423,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
                       f"attention {recipe.model.attn_implementation}")
         world = distributed.world_size()
         if world > 1:
-            console.print(f"{world} processes (DDP): effective batch {t.batch_size} x {t.grad_accum} x {world} = "
+            console.print(f"{world} processes ({'FSDP' if sharded(recipe) else 'DDP'}): effective batch "
+                          f"{t.batch_size} x {t.grad_accum} x {world} = "
                           f"{t.batch_size * t.grad_accum * world} examples per optimizer step")
         width = f"4-bit {q.quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "full precision"
         console.print(f"loading {recipe.model.name_or_path} ({width})")
@@ -457,8 +448,6 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             # beside metrics.jsonl rather than among the checkpoints; TENSORBOARD_LOGGING_DIR still wins
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = str(run / TENSORBOARD_DIR)
-        if trainer.is_fsdp_enabled:  # the adapter saved whole from the shards, as peft's FSDP guide does
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         with out_of_memory_hint(recipe):
             trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.action == "resume" else None)
         if stop.signum is not None:
