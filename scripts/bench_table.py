@@ -1,4 +1,4 @@
-"""Rewrite the benchmark tables in README.md and benchmarks/README.md from benchmarks/results/: training speed and
+"""Rewrite the benchmark tables in docs/performance.md and benchmarks/README.md from benchmarks/results/: training speed and
 memory (bench-*.json) and `qlora check`'s memory estimate against the measured parts (memory-*.json)."""
 
 import json
@@ -69,7 +69,7 @@ TABLES = {
 
 
 def main() -> None:
-    for readme, prefix in ((ROOT / "README.md", ""), (ROOT / "benchmarks" / "README.md", "../")):
+    for readme, prefix in ((ROOT / "docs" / "performance.md", "../"), (ROOT / "benchmarks" / "README.md", "../")):
         text = readme.read_text(encoding="utf-8")
         for name, table in TABLES.items():
             start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -51,7 +51,7 @@ def test_writing_outside_its_directory_is_blocked(tmp_path):
 
 
 @pytest.mark.skipif(not namespaces_allowed(), reason="this kernel refuses network and mount namespaces: only the "
-                                                      "Python layer runs here (README, Evaluating code)")
+                                                      "Python layer runs here (docs/evaluation.md)")
 def test_the_os_layer_holds_when_the_python_layer_is_bypassed(tmp_path):
     # _io.open and _socket are the C functions under the guarded Python ones
     target = tmp_path / "escaped.txt"

@@ -209,7 +209,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     trained tokens of any example: the worst case), with `processes` GPUs training: DDP holds everything on every
     GPU, FSDP splits the weights and the adapter's state over them once it has loaded the 4-bit base whole on each.
 
-    The formula is written out in the README ("Memory estimate"); scripts/bench.py measures each part.
+    The formula is written out in docs/performance.md ("Memory estimate"); scripts/bench.py measures each part.
     """
     q, t = recipe.quantization, recipe.train
     compute = DTYPE_BYTES[q.compute_dtype]

@@ -119,7 +119,7 @@ def check(
         help="Estimate the memory of each GPU when this many train together (x --nnodes).")] = 1,
     nnodes: Annotated[int, typer.Option(help="Machines training together.")] = 1,
 ) -> None:
-    """Pre-flight report: rows, lengths, masking, EOS, packing, parameters, peak GPU memory estimate.
+    """Pre-flight report: rows, lengths, masking, EOS, packing, parameters, peak memory estimate (GPU, or RAM on a CPU).
 
     Loads the tokenizer, data and model config only, and runs every check `train` runs before it writes:
     exit 0 means `train` starts (rows it would drop are reported), exit 2 names what would stop it.

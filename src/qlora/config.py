@@ -627,7 +627,7 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def recipe_reference() -> str:
-    """Markdown tables of every recipe key, its default and description (for the README)."""
+    """Markdown tables of every recipe key, its default and description (for docs/reference.md)."""
     lines = []
     for section, info in Recipe.model_fields.items():
         lines += [f"### `{section}`", "", "| key | default | description |", "|---|---|---|"]

@@ -169,7 +169,7 @@ def execute(items: list[dict[str, Any]], problems: dict[str, Problem], style: st
 def check_execution_allowed(allowed: bool) -> None:
     if not (allowed or os.environ.get(EXECUTION_ENV) == "1"):
         raise UserError(f"qlora eval runs the generated code: pass --allow-code-execution (or set {EXECUTION_ENV}=1) "
-                        "once you accept that (README: \"Evaluating code\" states what the sandbox does and does "
+                        "once you accept that (docs/evaluation.md states what the sandbox does and does "
                         "not stop)")
 
 

@@ -8,7 +8,7 @@ filesystem read-only except the sample's own temporary directory (a mount namesp
 for an unprivileged user, processes. Python's, always: the functions that fork, exec, kill, open sockets or delete
 files are removed, and open() refuses to write outside the temporary directory. Neither is a security boundary
 against code written to escape; both stop what generated code does by accident (an infinite loop, a memory bomb, a
-fork bomb, a stray write). The README states the trust model.
+fork bomb, a stray write). docs/evaluation.md states the trust model.
 """
 
 from __future__ import annotations

@@ -338,8 +338,7 @@ def check_extra(recipe: Recipe) -> None:
         if key in owned:
             instead = ("train.keep_best" if key in ("metric_for_best_model", "greater_is_better",
                                                     "load_best_model_at_end") else "the recipe's own key")
-            raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use {instead} (README, Recipe "
-                            "reference)")
+            raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use {instead} (docs/reference.md)")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean {close[0]}?" if close else "see transformers' TrainingArguments and TRL's SFTConfig"
