@@ -43,7 +43,7 @@ def test_png_and_html_reports_of_a_run_and_of_two(memorised_run, tmp_path):
     fig = figure([read_run(run)])
     model = read_run(run)["recipe"].model.name_or_path
     assert fig.get_suptitle() == f"qlora report: run ({model})"  # which run, of which model, is on the page
-    assert all(ax.has_data() for ax in fig.axes if ax.get_visible())  # no empty panel
+    assert all(ax.has_data() or ax.texts for ax in fig.axes)  # no empty panel
 
     page, _ = report([run, memorised_run], tmp_path / "both.html")
     text = page.read_text()
@@ -59,6 +59,23 @@ def test_png_and_html_reports_of_a_run_and_of_two(memorised_run, tmp_path):
         with pytest.raises(UserError, match=f"--output: {tmp_path / name} exists and is not a report qlora wrote"):
             report([run], tmp_path / name)
         assert (tmp_path / name).read_bytes() == content
+
+
+@pytest.mark.parametrize("keys, grid", [
+    (["loss", "learning_rate", "grad_norm", "tokens_per_second"], (2, 2)),  # was 2 x 3 with two empty slots
+    (["loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"], (2, 3)),  # the summary in the 6th
+    (["loss"], (1, 1)),
+])
+def test_no_panel_is_empty(keys, grid):
+    from qlora.config import load_recipe
+
+    records = [{"step": s, **{k: 1.0 / s for k in keys}} for s in (1, 2, 3)]
+    fig = figure([{"name": "demo", "recipe": load_recipe(Path(__file__).parents[1] / "configs" / "tiny-code.yaml"),
+                   "records": records, "eval": None}])
+    assert fig.axes[0].get_subplotspec().get_gridspec().get_geometry() == grid
+    assert all(ax.has_data() or ax.texts for ax in fig.axes)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert len(keys) == 5 and "steps: 3" in texts[0] or not texts
 
 
 @pytest.mark.parametrize("output, message", [

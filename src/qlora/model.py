@@ -21,6 +21,8 @@ from qlora.errors import UserError
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 logging.getLogger("kernels._internals.hf_hub").addFilter(
     lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
+# bitsandbytes runs a paged optimizer unpaged on CPU, warning at its first step; `train` says so in its device line
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 # peft still calls transformers' gradient_checkpointing_* names, renamed in transformers 5: noise on every run
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing.*` is deprecated", category=FutureWarning)
 

@@ -64,6 +64,14 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
+def summary_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The summary as text lines: every fact of one run, the outcome of each of several."""
+    if len(runs) == 1:
+        return [f"{key}: {value}" for key, value in summary(runs[0]).items() if key != "model"]
+    return [f"{run['name']}: {facts['steps']} steps, last train loss {facts['last train loss']}, best eval loss "
+            f"{facts['best eval loss']}" for run in runs for facts in [summary(run)]]
+
+
 def figure(runs: list[dict[str, Any]]):
     """One panel per metric any run has, each run a line (and pass@k as bars when evaluated)."""
     import matplotlib
@@ -76,7 +84,7 @@ def figure(runs: list[dict[str, Any]]):
     panels = len(drawn) + bool(evaluated)
     if not panels:
         raise UserError(f"{', '.join(r['name'] for r in runs)}: metrics.jsonl holds no logged step yet")
-    columns = min(3, panels)
+    columns = 2 if panels == 4 else min(3, panels)  # 4 panels in 2 x 2, not 3 + 1 and two empty slots
     rows = -(-panels // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
     flat = list(axes.flat)
@@ -103,8 +111,10 @@ def figure(runs: list[dict[str, Any]]):
         ax.legend(fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title("pass@k (qlora eval)")
-    for ax in flat[panels:]:
-        ax.set_visible(False)
+    for ax in flat[panels:]:  # a slot left over holds the summary, not an empty frame
+        ax.axis("off")
+        ax.text(0, 1, "\n".join(summary_lines(runs)), va="top", fontsize=8, family="monospace",
+                transform=ax.transAxes)
     if len(runs) > 1:
         flat[0].legend(fontsize=8)
     fig.suptitle("qlora report: " + ", ".join(f"{r['name']} ({r['recipe'].model.name_or_path})" for r in runs),

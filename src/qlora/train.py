@@ -418,7 +418,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         if plan.action == "resume":
             distributed.on_every_rank(lambda: readable_checkpoint(plan.checkpoint))
         q, t = recipe.quantization, recipe.train
-        console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {t.optimizer}, "
+        unpaged = " (unpaged on CPU)" if t.optimizer.startswith("paged_") and not torch.cuda.is_available() else ""
+        console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {t.optimizer}{unpaged}, "
                       f"attention {recipe.model.attn_implementation}")
         world = distributed.world_size()
         if world > 1:
