@@ -58,6 +58,22 @@ def read_eval_summary(run: Path) -> dict | None:
     return runfiles.read_eval_summary(path) if path.is_file() else None
 
 
+def read_best(run: Path) -> dict | None:
+    """The run's best.json (train.keep_best), or None when it has none."""
+    path = run / BEST_FILE
+    return runfiles.read_best(path) if path.is_file() else None
+
+
+def adapter_origin(run: Path) -> str:
+    """Which checkpoint a finished run's adapter/ is: the best one by train.keep_best (best.json), or the last."""
+    best, last = read_best(run), (read_marker(run).get("complete") or {}).get("step")
+    ended = f"; the run ended at step {last}" if last is not None else ""
+    if best is None or best["score"] is None:
+        return f"{run / ADAPTER_DIR} is the run's last checkpoint{f' (step {last})' if last is not None else ''}"
+    return (f"{run / ADAPTER_DIR} is checkpoint-{best['step']}, the best {best['metric']} of the run's evals "
+            f"({best['score']:.4f}){ended}")
+
+
 def check_run_adapter(run: Path) -> None:
     """A finished run's adapter/ readable (runfiles.check_adapter) before any model loads; the fix names the
     checkpoint `train` writes it again from."""
