@@ -96,8 +96,8 @@ def test_the_evals_do_not_change_training(memorising, tmp_path, tiny_model):
     """The same recipe without eval_problems trains exactly the same losses: the eval restores the RNG and the train
     mode it found, and the 4-bit layers keep the layout their backward needs (bitsandbytes repacks them for a CPU
     inference kernel without a backward in eval mode). So does the trainer's own eval loss, on the same rows."""
-    steps = range(1, 2 * EVERY + 1)
-    plain = recipe(tmp_path / "plain", tiny_model("gemma"), max_steps=2 * EVERY, eval_problems=None,
+    steps = range(1, EVERY + 1)
+    plain = recipe(tmp_path / "plain", tiny_model("gemma"), max_steps=EVERY, eval_problems=None,
                    keep_best="none", allow_code_execution=False)
     expected = records(train(plain), "loss")
     assert sorted(expected) == list(steps)
@@ -108,7 +108,7 @@ def test_the_evals_do_not_change_training(memorising, tmp_path, tiny_model):
                            data={"eval_path": str(tmp_path / "eval.json")},
                            train={**plain.train.model_dump(exclude={"output_dir"}), "eval_steps": 2})
     run = train(evaluated)
-    assert sorted(records(run, "eval_loss")) == [2, 4, 6, 8] and records(run, "loss") == expected
+    assert sorted(records(run, "eval_loss")) == [2, 4] and records(run, "loss") == expected
 
 
 def test_early_stopping_after_a_signal_in_an_eval_resumes_to_the_same_best(memorising, tmp_path, tiny_model,
@@ -204,14 +204,14 @@ def test_check_refuses_eval_problems_without_the_opt_in_and_estimates_the_eval(t
         result = CliRunner().invoke(app, [command, str(path)])
         lines = result.stderr.splitlines()
         assert result.exit_code == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith("train.eval_problems: the run executes the code it writes for them: set "
+        assert lines[0].startswith("error: train.eval_problems: the run executes the code it writes for them: set "
                                    "train.allow_code_execution: true (or set QLORA_ALLOW_CODE_EVAL=1)")
     assert snapshot(tmp_path) == before
     monkeypatch.setenv("QLORA_ALLOW_CODE_EVAL", "1")
     result = CliRunner().invoke(app, ["check", str(path)])
     assert result.exit_code == 0, result.stderr
     assert "eval_problems 2 problems x 1 answers (instruct) every 4 steps: at most" in result.stdout
-    assert "estimated by FLOPs" in result.stdout
+    assert "of the time by FLOPs" in result.stdout and "a lower bound" in result.stdout
     report = json.loads(CliRunner().invoke(app, ["check", str(path), "--json"]).stdout)["eval_problems"]
     assert report["every"] == EVERY and 0 < report["share"] < 1 and report["eval_tokens"] > 2 * 40
 

@@ -20,7 +20,8 @@ from qlora.errors import UserError
 from qlora.evaluate import EVAL_SHARE, Problem, prompt_ids, training_eval_settings, training_problems
 from qlora.files import check_creatable
 from qlora.loss import CHUNK_ELEMENTS, unproven
-from qlora.rundir import RunPlan, data_fingerprint, plan_run, refuse_if_locked
+from qlora.rundir import METRICS_FILE, RunPlan, data_fingerprint, plan_run, refuse_if_locked
+from qlora.runfiles import read_metrics
 
 GB = 1024**3
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
@@ -283,9 +284,13 @@ def eval_problems_estimate(recipe: Recipe, pre: Preflight, report: DataReport, p
     eval_tokens = t.eval_samples * (prompts + len(pre.problems) * t.eval_max_new_tokens) / processes
     train_tokens = every * t.batch_size * t.grad_accum * report.tokens / report.examples
     eval_flops, train_flops = 2 * eval_tokens, (6 if t.gradient_checkpointing else 4) * train_tokens
+    metrics = Path(t.output_dir) / METRICS_FILE
+    measured = [r for r in read_metrics(metrics, "fix or delete that line") if r.get("eval_seconds") is not None] \
+        if pre.plan.action == "resume" and metrics.is_file() else []
     return {"problems": len(pre.problems), "samples": t.eval_samples, "every": every, "eval_tokens": round(eval_tokens),
             "train_tokens": round(train_tokens), "share": eval_flops / (eval_flops + train_flops),
-            "style": style}
+            "style": style, "measured": {"step": measured[-1]["step"], "seconds": measured[-1]["eval_seconds"]}
+            if measured else None}
 
 
 def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
@@ -485,12 +490,15 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
                   f"{m['activations_without_checkpointing'] / GB:.3f} GiB without")
     console.print(f"  full logits, which qlora's loss never builds: {m['unfused_logits'] / GB:.3f} GiB")
     if (e := report.eval_problems) is not None:
+        measured = (f"; this run's last eval (step {e['measured']['step']}) took {e['measured']['seconds']:.1f} s"
+                    if e["measured"] else "")
         console.print(f"[bold]eval_problems[/] {e['problems']} problems x {e['samples']} answers ({e['style']}) every "
                       f"{e['every']} steps: at most {e['eval_tokens']:,} tokens per process per eval, against "
-                      f"{e['train_tokens']:,} trained between evals: ~{e['share']:.0%} of the time, estimated by "
-                      "FLOPs (2 per weight per eval token; 4 per trained token, 6 with gradient checkpointing); "
-                      "decoding uses a device less fully than training, most on a GPU, so expect more: train prints "
-                      "each eval's measured time and share", highlight=False)
+                      f"{e['train_tokens']:,} trained between evals: ~{e['share']:.0%} of the time by FLOPs (2 per "
+                      "weight per eval token; 4 per trained token, 6 with gradient checkpointing), a lower bound: "
+                      "decoding a few answers at a time uses a device less fully than training (5 to 10 times less on "
+                      "a CPU tiny twin), and train prints each eval's measured time and share" + measured,
+                      highlight=False)
         if e["share"] > EVAL_SHARE:
             console.print(f"[yellow]eval_problems would take more than {EVAL_SHARE:.0%} of the training time:[/] raise "
                           "train.eval_problems_every, or lower train.eval_max_new_tokens or eval_samples")

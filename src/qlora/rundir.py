@@ -176,9 +176,24 @@ def run_lock(run: Path):
     return held_lock(run / LOCK_FILE, "train", "train.output_dir", run, remove=False)
 
 
+def evals_since_best(recipe: Recipe, log_history: list[dict], best_step: int | None) -> int:
+    """The evals of the train.keep_best metric after the best one, in a trainer state's log history."""
+    key = "eval_loss" if recipe.train.keep_best == "eval_loss" else "eval_pass@1"
+    return sum(1 for entry in log_history if key in entry and best_step and entry["step"] > best_step)
+
+
+def early_stopped(recipe: Recipe, log_history: list[dict], best_step: int | None) -> bool:
+    """Whether train.early_stopping_patience evals in a row have not beaten the best (a trainer state's)."""
+    patience = recipe.train.early_stopping_patience
+    return bool(patience and best_step and evals_since_best(recipe, log_history, best_step) >= patience)
+
+
 def run_target_reached(recipe: Recipe, checkpoint: Path) -> bool:
-    """Whether `checkpoint` is the end of the run the recipe asks for (max_steps, else its epochs)."""
+    """Whether `checkpoint` is the end of the run the recipe asks for (max_steps, else its epochs; or early
+    stopping)."""
     state = json.loads((checkpoint / TRAINER_STATE_JSON).read_text(encoding="utf-8"))
+    if early_stopped(recipe, state.get("log_history") or [], state.get("best_global_step")):
+        return True
     if recipe.train.max_steps:
         return state["global_step"] >= recipe.train.max_steps
     return state.get("num_train_epochs") == recipe.train.epochs and state["global_step"] >= state["max_steps"]

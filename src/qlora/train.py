@@ -23,7 +23,8 @@ from qlora.files import publish_dir, tmp_sibling, write_json
 from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
                           RECIPE_FILE, TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
-                          complete_checkpoints, mark_complete, plan_run, record_environment, record_recipe, run_lock)
+                          complete_checkpoints, early_stopped, evals_since_best, mark_complete, plan_run,
+                          record_environment, record_recipe, run_lock)
 
 # no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
 console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
@@ -245,16 +246,15 @@ def make_early_stopping_callback(recipe: Recipe):
     from transformers import TrainerCallback
 
     t = recipe.train
-    key = "eval_loss" if t.keep_best == "eval_loss" else "eval_pass@1"
 
     class EarlyStopping(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             # called after the step's eval and the trainer's (or make_problems_callback's) update of the best
             best = state.best_global_step
-            since = [h["step"] for h in state.log_history if key in h and best and h["step"] > best]
-            if best and len(since) >= t.early_stopping_patience and not control.should_training_stop:
+            if early_stopped(recipe, state.log_history, best) and not control.should_training_stop:
                 console.print(f"early stopping at step {state.global_step}: {t.keep_best} has not beaten "
-                              f"{state.best_metric:.4f} (step {best}) in the {len(since)} eval(s) since "
+                              f"{state.best_metric:.4f} (step {best}) in the "
+                              f"{evals_since_best(recipe, state.log_history, best)} eval(s) since "
                               f"(train.early_stopping_patience: {t.early_stopping_patience})", highlight=False)
                 control.should_training_stop = True
 
