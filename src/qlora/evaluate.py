@@ -261,7 +261,8 @@ def prompt_ids(tokenizer, template, problem: Problem, style: str) -> list[int]:
 def sample_completions(loaded, problem: Problem, style: str, sampling, count: int, batch_size: int) -> list[str]:
     from qlora.generate import cut_at_stop, generate_from_ids
 
-    texts = generate_from_ids(loaded, [prompt_ids(loaded.tokenizer, loaded.template, problem, style)] * count, sampling, batch_size)
+    prompt = prompt_ids(loaded.tokenizer, loaded.template, problem, style)
+    texts = generate_from_ids(loaded, [prompt] * count, sampling, batch_size)
     return [cut_at_stop(t, COMPLETION_STOPS) if style == "completion" else t for t in texts]
 
 
