@@ -231,3 +231,13 @@ def test_report_draws_the_curve_and_eval_names_the_published_checkpoint(memorisi
     assert facts["last pass@1"] == "0.000" and facts["adapter/"] == f"checkpoint-{first} (best pass@1)"
     assert adapter_origin(run) == (f"{run / 'adapter'} is checkpoint-{first}, the best pass@1 of the run's evals "
                                    "(1.0000); the run ended at step 16")
+
+
+def test_one_sample_is_greedy_and_more_are_sampled_as_the_generation_section_says(tmp_path, tiny_model):
+    one = recipe(tmp_path, tiny_model("gemma"))
+    style, sampling, ks = evaluate.training_eval_settings(one)
+    assert (style, sampling.temperature, sampling.max_new_tokens, sampling.seed, ks) == ("instruct", 0.0, 40, 42, [1])
+    several = recipe_for(tmp_path, tiny_model("gemma"), train={**one.train.model_dump(), "eval_samples": 5, "seed": 7},
+                         generation={"temperature": 0.2, "top_p": 0.95})
+    _, sampling, ks = evaluate.training_eval_settings(several)
+    assert (sampling.temperature, sampling.top_p, sampling.seed, ks) == (0.2, 0.95, 7, [1, 5])
