@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import recipe_for, snapshot
 from qlora import evaluate
 from qlora.cli import app
-from qlora.errors import RunInterrupted
+from qlora.errors import RunInterrupted, UserError
 from qlora.evaluate import read_problems
 from qlora.train import train
 
@@ -147,6 +147,9 @@ def test_early_stopping_after_a_signal_in_an_eval_resumes_to_the_same_best(memor
                                                           "last_step": first + EVERY}
     train(patient)
     assert "nothing to do" in capsys.readouterr().err  # the early-stopped run is complete
+    Path(patient.train.eval_problems).write_text(LINES[0])  # its best score is of other problems
+    with pytest.raises(UserError, match="or train.eval_problems: the problems differ from those"):
+        train(patient)
 
 
 def shard_worker(rank: int, port: int, run: str, problems: str, out: str) -> None:

@@ -390,7 +390,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     keep += [Path(model.name_or_path)] if Path(model.name_or_path).is_dir() else []
     keep += [Path(recipe.train.eval_problems)] if problems else []
     refuse_if_locked(Path(recipe.train.output_dir))
-    fingerprint = data_fingerprint(rows, eval_rows)
+    fingerprint = data_fingerprint(rows, eval_rows, [vars(p) for p in problems or []])
     plan = plan_run(recipe, fingerprint, overwrite, keep)
     if plan.action != "complete":
         check_creatable(Path(recipe.train.output_dir), "train.output_dir")

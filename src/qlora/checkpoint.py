@@ -173,8 +173,8 @@ class QLoRATrainer(SFTTrainer):
     def keep_4bit_layout(self):
         """bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel the first time its layer runs in
         eval mode without gradients (the trainer's eval loss), and that kernel has no backward: from then on no
-        gradient would flow down through the layer (measured on a tiny twin: loss 8.26 after 2 steps instead of
-        5.05). While training, evals use the layout the backward needs (inference_layout lends the fast one)."""
+        gradient would flow down through the layer (tiny twin, an eval loss at step 2: loss 0.85 at step 4 instead of
+        0.32). While training, evals use the layout the backward needs (inference_layout lends the fast one)."""
         for layer in four_bit_layers(self.model):
             layer.support_avx512bf16_for_cpu = False
 

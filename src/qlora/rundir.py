@@ -106,10 +106,12 @@ def best_checkpoint(final: Path) -> dict[str, Any]:
     return {"checkpoint": final.parent / f"checkpoint-{step}", "step": step, "score": state["best_metric"]}
 
 
-def data_fingerprint(rows: list[Any], eval_rows: list[Any] | None) -> str:
-    """sha256 of the training (and eval) rows as loaded: a resume on changed data is refused."""
+def data_fingerprint(rows: list[Any], eval_rows: list[Any] | None, problems: list[Any] | None = None
+                     ) -> str:
+    """sha256 of the training (and eval) rows as loaded, and of train.eval_problems' problems when set (the best
+    score so far is theirs): a resume on changed data is refused."""
     digest = hashlib.sha256()
-    for part in (rows, eval_rows or []):
+    for part in (rows, eval_rows or [], *([problems] if problems else [])):
         digest.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
     return digest.hexdigest()
 
@@ -251,7 +253,8 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
                         f"Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite to start over "
                         "or set another train.output_dir")
     if marker.get("data") != fingerprint:
-        raise UserError(f"data.path: the rows differ from those {run} was trained on (sha256 {marker.get('data')}); "
+        what = "data.path: the rows" + (" or train.eval_problems: the problems" if recipe.train.eval_problems else "")
+        raise UserError(f"{what} differ from those {run} was trained on (sha256 {marker.get('data')}); "
                         "restore the data, or pass --overwrite to start over, or set another train.output_dir")
     t, done = recipe.train, marker.get("complete")
     if done and done["max_steps"] == t.max_steps and done["epochs"] == t.epochs and (run / ADAPTER_DIR).is_dir():
