@@ -222,7 +222,24 @@ RECIPE_CASES = [
     ("set-complex-key", lambda w: [write_recipe(w), "--set", "train.extra={? [a, b]: 1}"], "train.extra"),
     # train.keep_best and the trainer's own best-model keys it replaces
     ("keep-best-without-eval-data", recipe_with(train__keep_best="eval_loss"), "train.keep_best"),
-    ("keep-best-unknown-metric", recipe_with(train__keep_best="pass@1"), "train.keep_best"),
+    ("keep-best-pass-at-1-without-eval-problems", recipe_with(train__keep_best="pass@1"),
+     "train.keep_best: pass@1 picks a checkpoint by the code it writes, and train.eval_problems is not set"),
+    ("keep-best-unknown-metric", recipe_with(train__keep_best="pass@10"), "train.keep_best"),
+    # train.eval_problems (issue 30): the opt-in to run generated code, the file, the keys around it
+    ("eval-problems-without-opt-in", lambda w: [write_recipe(w, {"train.eval_problems": data_file(
+        "p.jsonl", PROBLEMS.read_bytes())})], "set train.allow_code_execution: true"),
+    ("eval-problems-missing", recipe_with(train__eval_problems="nope.jsonl", train__allow_code_execution=True),
+     "train.eval_problems: file not found"),
+    ("eval-problems-not-problems", lambda w: [write_recipe(w, {
+        "train.eval_problems": data_file("p.jsonl", b'{"task_id": "x"}\n'), "train.allow_code_execution": True})],
+     "train.eval_problems: p.jsonl row 0 (line 1) is neither a HumanEval problem"),
+    ("eval-problems-every-without-problems", recipe_with(train__eval_problems_every=5), "train.eval_problems_every"),
+    ("keep-best-pass-at-1-without-checkpoint", recipe_with(
+        train__eval_problems="p.jsonl", train__keep_best="pass@1", train__save_steps=2, train__eval_problems_every=3),
+     "make eval_problems_every a multiple of save_steps"),
+    ("early-stopping-without-keep-best", recipe_with(train__early_stopping_patience=2),
+     "train.early_stopping_patience"),
+    ("eval-samples-greedy", recipe_with(train__eval_problems="p.jsonl", train__eval_samples=5), "train.eval_samples"),
     ("keep-best-eval-without-checkpoint", lambda w: [write_recipe(w, {
         "train.keep_best": "eval_loss", "train.save_steps": 4, "train.eval_steps": 6,
         "data.eval_path": data_file("eval.json", GOOD)})], "eval_steps a multiple of save_steps"),

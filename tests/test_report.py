@@ -13,6 +13,7 @@ from qlora.errors import UserError
 from qlora.report import SERIES, figure, read_run, report, series
 
 RECORDS = [
+    {"step": 0, "pass@1": 0.25, "passed": 1, "samples": 4, "eval_seconds": 3.0},
     {"step": 1, "loss": 2.0, "learning_rate": 1e-4, "grad_norm": None, "tokens_per_second": 10.0, "tokens_seen": 5},
     {"step": 2, "eval_loss": 1.9},
     {"step": 2, "loss": 1.5, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens_per_second": 12.0, "tokens_seen": 9},
@@ -24,6 +25,7 @@ def test_series_are_every_metric_logged_without_gaps():
     assert set(found) == {key for key, _ in SERIES}
     assert found["loss"] == ([1, 2], [2.0, 1.5])
     assert found["eval_loss"] == ([2], [1.9])
+    assert found["pass@1"] == ([0], [0.25])
     assert found["grad_norm"] == ([2], [0.5])  # a null is not a point
 
 
@@ -71,7 +73,7 @@ def test_no_panel_is_empty(keys, grid):
 
     records = [{"step": s, **{k: 1.0 / s for k in keys}} for s in (1, 2, 3)]
     fig = figure([{"name": "demo", "recipe": load_recipe(Path(__file__).parents[1] / "configs" / "tiny-code.yaml"),
-                   "records": records, "eval": None}])
+                   "records": records, "eval": None, "best": None}])
     assert fig.axes[0].get_subplotspec().get_gridspec().get_geometry() == grid
     assert all(ax.has_data() or ax.texts for ax in fig.axes)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]

@@ -17,9 +17,11 @@ from qlora.config import Recipe
 from qlora.data import (IGNORE_INDEX, TEMPLATES, DataReport, Template, build_datasets, is_local_path, load_rows,
                         tokenize_rows)
 from qlora.errors import UserError
+from qlora.evaluate import EVAL_SHARE, Problem, prompt_ids, training_eval_settings, training_problems
 from qlora.files import check_creatable
 from qlora.loss import CHUNK_ELEMENTS, unproven
-from qlora.rundir import RunPlan, data_fingerprint, plan_run, refuse_if_locked
+from qlora.rundir import METRICS_FILE, RunPlan, data_fingerprint, plan_run, refuse_if_locked
+from qlora.runfiles import read_metrics
 
 GB = 1024**3
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
@@ -277,6 +279,28 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, tokens: int, trained: int
     }
 
 
+def eval_problems_estimate(recipe: Recipe, pre: Preflight, report: DataReport, processes: int) -> dict[str, Any]:
+    """What the train.eval_problems eval costs each process per eval point against the training between two evals,
+    counted in FLOPs (no weights are loaded, so no speed is measured here; train prints the measured times): 2 per
+    weight per token the eval reads or writes (each prompt, then eval_max_new_tokens, the most an answer can take);
+    4 per weight per trained token (forward, and backward to the inputs only, as the 4-bit base gets no weight
+    gradient), 6 with gradient checkpointing (the forward again)."""
+    t, shape = recipe.train, pre.shape
+    style, _, _ = training_eval_settings(recipe)
+    prompts = sum(len(prompt_ids(pre.tokenizer, pre.template, p, style)) for p in pre.problems)
+    every = t.eval_problems_every or t.eval_steps or t.save_steps
+    eval_tokens = t.eval_samples * (prompts + len(pre.problems) * t.eval_max_new_tokens) / processes
+    train_tokens = every * t.batch_size * t.grad_accum * report.tokens / report.examples
+    eval_flops, train_flops = 2 * eval_tokens, (6 if t.gradient_checkpointing else 4) * train_tokens
+    metrics = Path(t.output_dir) / METRICS_FILE
+    measured = [r for r in read_metrics(metrics, "fix or delete that line") if r.get("eval_seconds") is not None] \
+        if pre.plan.action == "resume" and metrics.is_file() else []
+    return {"problems": len(pre.problems), "samples": t.eval_samples, "every": every, "eval_tokens": round(eval_tokens),
+            "train_tokens": round(train_tokens), "share": eval_flops / (eval_flops + train_flops),
+            "style": style, "measured": {"step": measured[-1]["step"], "seconds": measured[-1]["eval_seconds"]}
+            if measured else None}
+
+
 def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
     """Real tokens / padded tokens when random batches are padded to their longest row."""
     order = lengths[:]
@@ -305,6 +329,7 @@ class CheckReport:
     vocabulary: int = 0  # rows of the base's embedding
     examples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) spans
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints train would pass over (RunPlan.skipped)
+    eval_problems: dict[str, Any] | None = None  # eval_problems_estimate, with train.eval_problems
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -348,6 +373,7 @@ class Preflight:
     keep: list[Path]  # local paths the run reads, which --overwrite must never delete
     plan: RunPlan
     loss: str  # how train computes the loss (training_loss)
+    problems: list[Problem] | None  # train.eval_problems
 
 
 def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
@@ -359,6 +385,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
 
     recipe = resolve_recipe(recipe)
     check_extra(recipe)
+    problems = training_problems(recipe)
     data, model = recipe.data, recipe.model
     rows = load_rows(data)
     eval_rows = load_rows(data, "eval_path") if data.eval_path else None
@@ -369,13 +396,14 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     loss = training_loss(recipe, shape)
     keep = [Path(p) for p in (data.path, data.eval_path) if p and is_local_path(p)]
     keep += [Path(model.name_or_path)] if Path(model.name_or_path).is_dir() else []
+    keep += [Path(recipe.train.eval_problems)] if problems else []
     refuse_if_locked(Path(recipe.train.output_dir))
-    fingerprint = data_fingerprint(rows, eval_rows)
+    fingerprint = data_fingerprint(rows, eval_rows, [vars(p) for p in problems or []])
     plan = plan_run(recipe, fingerprint, overwrite, keep)
     if plan.action != "complete":
         check_creatable(Path(recipe.train.output_dir), "train.output_dir")
     return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan,
-                     loss)
+                     loss, problems)
 
 
 def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckReport:
@@ -423,6 +451,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         vocabulary=shape.vocab,
         examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
         skipped=pre.plan.skipped,
+        eval_problems=eval_problems_estimate(recipe, pre, report, processes) if pre.problems else None,
     )
 
 
@@ -470,6 +499,19 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     console.print(f"  activations: {m['activations_with_checkpointing'] / GB:.3f} GiB with gradient checkpointing, "
                   f"{m['activations_without_checkpointing'] / GB:.3f} GiB without")
     console.print(f"  full logits, which qlora's loss never builds: {m['unfused_logits'] / GB:.3f} GiB")
+    if (e := report.eval_problems) is not None:
+        measured = (f"; this run's last eval (step {e['measured']['step']}) took {e['measured']['seconds']:.1f} s"
+                    if e["measured"] else "")
+        console.print(f"[bold]eval_problems[/] {e['problems']} problems x {e['samples']} answers ({e['style']}) every "
+                      f"{e['every']} steps: at most {e['eval_tokens']:,} tokens per process per eval, against "
+                      f"{e['train_tokens']:,} trained between evals: ~{e['share']:.0%} of the time by FLOPs (2 per "
+                      "weight per eval token; 4 per trained token, 6 with gradient checkpointing), a lower bound: "
+                      "decoding a few answers at a time uses a device less fully than training (5 to 10 times less on "
+                      "a CPU tiny twin), and train prints each eval's measured time and share" + measured,
+                      highlight=False)
+        if e["share"] > EVAL_SHARE:
+            console.print(f"[yellow]eval_problems would take more than {EVAL_SHARE:.0%} of the training time:[/] raise "
+                          "train.eval_problems_every, or lower train.eval_max_new_tokens or eval_samples")
     for number, example in enumerate(report.examples, start=1):
         console.print(f"[bold]example {number}[/] ([dim]masked[/] / [green]trained[/]):")
         if console.is_terminal:

@@ -9,10 +9,12 @@ turns SIGINT / SIGTERM into: finish the step, write a checkpoint, stop.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.random.set_rng_state(state["cuda"])
 
 
+def four_bit_layers(model) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+@contextmanager
+def inference_layout(model):
+    """Generate with bitsandbytes' fast CPU kernel inside training: each 4-bit layer may repack its weight (a copy
+    of its quantization state is repacked, as repacking rewrites it and its inverse is lossy: the scales go through
+    bfloat16), and gets back afterwards exactly the weight and state it trains with. Where the CPU lacks
+    AVX512-BF16, or on a GPU, nothing is repacked."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    layers = four_bit_layers(model)
+    kept = [(layer.weight.data, layer.weight.quant_state) for layer in layers]
+    for layer in layers:
+        layer.weight.quant_state = copy.copy(layer.weight.quant_state)
+        layer.support_avx512bf16_for_cpu = has_avx512bf16()
+    try:
+        yield
+    finally:
+        for layer, (data, state) in zip(layers, kept):
+            layer.weight.data, layer.weight.quant_state = data, state
+            layer.support_avx512bf16_for_cpu = False
+
+
 class QLoRATrainer(SFTTrainer):
     """SFTTrainer with atomic, pickle-free checkpoints and a stop at the first non-finite loss or gradient."""
 
@@ -134,9 +163,18 @@ class QLoRATrainer(SFTTrainer):
             if name in dtypes:
                 param.data = param.data.to(dtypes[name])
         self.overflows = 0  # fp16 loss-scale overflows in a row
+        self.keep_4bit_layout()
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if hasattr(base, "router_aux_loss_coef"):  # SFTTrainer set the config's; the forward reads its own copy
             base.router_aux_loss_coef = self.router_aux_loss_coef
+
+    def keep_4bit_layout(self):
+        """bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel the first time its layer runs in
+        eval mode without gradients (the trainer's eval loss), and that kernel has no backward: from then on no
+        gradient would flow down through the layer (tiny twin, an eval loss at step 2: loss 0.85 at step 4 instead of
+        0.32). While training, evals use the layout the backward needs (inference_layout lends the fast one)."""
+        for layer in four_bit_layers(self.model):
+            layer.support_avx512bf16_for_cpu = False
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N into `.checkpoint-N.tmp`, rename it when complete, then apply save_total_limit.

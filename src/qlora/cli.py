@@ -413,8 +413,11 @@ def eval_(
             limits = Limits(seconds=timeout)
             loaded = None
             if run is not None:
-                from qlora.generate import load_run
+                from qlora.generate import is_run, load_run
+                from qlora.rundir import adapter_origin
 
+                if is_run(run):
+                    console.print(adapter_origin(run), highlight=False)
                 loaded = load_run(run)
                 if compare_base and loaded.recipe is None:
                     raise UserError("--compare-base needs a run directory (4-bit base + adapter), not a merged "

@@ -266,10 +266,37 @@ class TrainSection(_Section):
     eval_batch_size: int | None = Field(
         None, gt=0, description="Sequences per device per eval batch; null = batch_size. Needs eval data."
     )
-    keep_best: Literal["none", "eval_loss"] = Field(
-        "none", description="eval_loss: at the end, publish the checkpoint with the lowest eval loss as adapter/ (its "
-        "step and score in RUN/best.json) instead of the last one; save_total_limit never deletes it and a resumed "
-        "run keeps it. Needs eval data, and eval_steps a multiple of save_steps so every eval has a checkpoint."
+    eval_problems: str | None = Field(
+        None, description="HumanEval- or MBPP-style problems (.jsonl, as `qlora eval --problems` reads) the run answers "
+        "while it trains: at step 0 (the base), every eval_problems_every steps and at the last step, with the run's "
+        "template, each answer's code run in qlora's sandbox; pass@1 (and pass@k for k = eval_samples) goes into "
+        "metrics.jsonl and the progress line. Needs allow_code_execution. With several processes each takes its "
+        "share of the problems."
+    )
+    eval_problems_every: int | None = Field(
+        None, gt=0, description="Steps between evals of eval_problems; null = eval_steps (itself null = save_steps)."
+    )
+    eval_samples: int = Field(
+        1, gt=0, description="Answers per problem in the eval_problems eval: 1 decodes greedily; more are sampled with "
+        "generation.temperature, top_p and top_k, and pass@k for k = eval_samples is reported beside pass@1."
+    )
+    eval_max_new_tokens: int = Field(256, gt=0, description="Most tokens per answer in the eval_problems eval.")
+    allow_code_execution: bool = Field(
+        False, description="Run the code the model writes for eval_problems, in qlora's sandbox (docs/evaluation.md "
+        "says what it does and does not stop); the environment variable QLORA_ALLOW_CODE_EVAL=1 does the same. "
+        "check and train refuse eval_problems without one of them."
+    )
+    keep_best: Literal["none", "eval_loss", "pass@1"] = Field(
+        "none", description="At the end, publish the best checkpoint as adapter/ (its step and score in RUN/best.json) "
+        "instead of the last one: eval_loss = the lowest eval loss (needs eval data), pass@1 = the highest pass@1 on "
+        "eval_problems (the first step to reach it; the base at step 0 is not a candidate). save_total_limit never "
+        "deletes it and a resumed run keeps it. The metric's evals (eval_steps, or eval_problems_every) must fall on "
+        "checkpoints: a multiple of save_steps."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evals of the keep_best metric in a row without a better score; the "
+        "checkpoint written there ends the run and adapter/ is the best one. null = train to the end. A resumed run "
+        "counts on from its checkpoint."
     )
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise on the input embeddings while training (the paper uses 5); "
@@ -364,18 +391,38 @@ class Recipe(_Section):
                              "stored in a float dtype: set quantization.quant_storage to the compute dtype "
                              "(bfloat16)")
         t = self.train
+        has_eval_data = bool(self.data.eval_path or self.data.eval_fraction)
+        if t.keep_best == "eval_loss" and not has_eval_data:
+            raise ValueError("train.keep_best: eval_loss picks a checkpoint by its eval loss, and the recipe has no eval "
+                             "data: set data.eval_path or data.eval_fraction, or keep_best: none")
+        if t.keep_best == "pass@1" and not t.eval_problems:
+            raise ValueError("train.keep_best: pass@1 picks a checkpoint by the code it writes, and train.eval_problems "
+                             "is not set: name a problems file there, or keep_best: none")
         if t.keep_best != "none":
-            if not (self.data.eval_path or self.data.eval_fraction):
-                raise ValueError(f"train.keep_best: {t.keep_best} picks a checkpoint by its eval loss, and the recipe "
-                                 "has no eval data: set data.eval_path or data.eval_fraction, or keep_best: none")
-            if (t.eval_steps or t.save_steps) % t.save_steps:
-                raise ValueError(f"train.keep_best: the eval at every train.eval_steps={t.eval_steps} must have a "
-                                 f"checkpoint to keep, and train.save_steps={t.save_steps} does not divide it: make "
-                                 "eval_steps a multiple of save_steps")
+            key, every = (("eval_problems_every", t.eval_problems_every or t.eval_steps or t.save_steps)
+                          if t.keep_best == "pass@1" else ("eval_steps", t.eval_steps or t.save_steps))
+            if every % t.save_steps:
+                raise ValueError(f"train.keep_best: the eval at every train.{key}={every} must have a checkpoint to "
+                                 f"keep, and train.save_steps={t.save_steps} does not divide it: make {key} a multiple "
+                                 "of save_steps")
             if t.distributed == "fsdp" and t.save_total_limit == 1:
                 raise ValueError("train.keep_best with train.distributed: fsdp: the trainer writes FSDP checkpoints "
                                  "itself and, with save_total_limit 1, deletes all but the best at the end, the last "
                                  "one a resume needs too; set save_total_limit to 2 or more")
+        if t.early_stopping_patience and t.keep_best == "none":
+            raise ValueError("train.early_stopping_patience counts evals without a better score of the train.keep_best "
+                             "metric, and keep_best is none: set keep_best to eval_loss or pass@1")
+        if t.eval_problems is None and t.eval_problems_every is not None:
+            raise ValueError("train.eval_problems_every is set but train.eval_problems is not, so nothing would be "
+                             "evaluated: name a problems file, or drop it")
+        if t.eval_problems and t.eval_samples > 1 and self.generation.temperature == 0:
+            raise ValueError(f"train.eval_samples: {t.eval_samples} answers per problem are sampled with "
+                             "generation.temperature, which is 0 (greedy): every sample would be the same; set "
+                             "generation.temperature (0.2 is usual for pass@1) or eval_samples: 1")
+        if t.eval_problems and t.distributed == "fsdp":
+            raise ValueError("train.eval_problems with train.distributed: fsdp: each process answers its share of the "
+                             "problems, which sharded weights cannot do (every forward needs every process); use ddp, "
+                             "or `qlora eval` the finished run")
         if self.train.distributed == "fsdp" and self.lora.trained_tokens:
             raise ValueError("lora.trained_tokens cannot be trained with train.distributed: fsdp (peft's trainable "
                              "tokens need FSDP's use_orig_params, which FSDP-QLoRA turns off); use ddp")

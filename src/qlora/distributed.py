@@ -105,6 +105,18 @@ def on_every_rank(action):
     return result
 
 
+def gathered(items: list) -> list:
+    """Every process's `items` (picklable), rank 0's first, on every process (a collective: every rank calls it at the
+    same point); `items` itself outside torchrun."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return items
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
 def largest(value: int, device) -> int:
     """The largest of every rank's `value` (a collective: every rank calls it at the same point)."""
     import torch

@@ -78,11 +78,12 @@ def extract_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-def read_problems(path: Path) -> list[Problem]:
-    """HumanEval- or MBPP-style problems from a .jsonl file, the format told by each row's fields."""
+def read_problems(path: Path, key: str = "--problems") -> list[Problem]:
+    """HumanEval- or MBPP-style problems from a .jsonl file, the format told by each row's fields; errors name `key`
+    (the flag or recipe key giving the file)."""
     problems, seen = [], set()
-    for number, row in read_jsonl(path, "--problems"):
-        where = f"--problems: {path} row {len(problems)} (line {number})"
+    for number, row in read_jsonl(path, key):
+        where = f"{key}: {path} row {len(problems)} (line {number})"
         if not isinstance(row, dict):
             raise UserError(f"{where} is not a JSON object")
         if all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "test", "entry_point")):
@@ -102,7 +103,7 @@ def read_problems(path: Path) -> list[Problem]:
         seen.add(problem.task_id)
         problems.append(problem)
     if not problems:
-        raise UserError(f"--problems: {path} holds no problems")
+        raise UserError(f"{key}: {path} holds no problems")
     return problems
 
 
@@ -166,11 +167,12 @@ def execute(items: list[dict[str, Any]], problems: dict[str, Problem], style: st
 # the output directory ------------------------------------------------------------------------------------------
 
 
-def check_execution_allowed(allowed: bool) -> None:
+def check_execution_allowed(allowed: bool, opening: str = "qlora eval runs the generated code: pass "
+                            "--allow-code-execution") -> None:
+    """Refuse to run generated code unless the user opted in (`opening` names the command and its opt-in)."""
     if not (allowed or os.environ.get(EXECUTION_ENV) == "1"):
-        raise UserError(f"qlora eval runs the generated code: pass --allow-code-execution (or set {EXECUTION_ENV}=1) "
-                        "once you accept that (docs/evaluation.md states what the sandbox does and does "
-                        "not stop)")
+        raise UserError(f"{opening} (or set {EXECUTION_ENV}=1) once you accept that (docs/evaluation.md states what "
+                        "the sandbox does and does not stop)")
 
 
 def check_out_dir(out: Path) -> None:
@@ -249,19 +251,30 @@ def append(path: Path, rows: list[dict[str, Any]]) -> None:
 COMPLETION_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
 
-def prompt_ids(loaded, problem: Problem, style: str) -> list[int]:
+def prompt_ids(tokenizer, template, problem: Problem, style: str) -> list[int]:
     from qlora.data import encode_prompt, encode_text
 
     if style == "instruct":
-        return encode_prompt(loaded.tokenizer, loaded.template, problem.instruction())
-    return encode_text(loaded.tokenizer, problem.completion_prompt())
+        return encode_prompt(tokenizer, template, problem.instruction())
+    return encode_text(tokenizer, problem.completion_prompt())
 
 
 def sample_completions(loaded, problem: Problem, style: str, sampling, count: int, batch_size: int) -> list[str]:
     from qlora.generate import cut_at_stop, generate_from_ids
 
-    texts = generate_from_ids(loaded, [prompt_ids(loaded, problem, style)] * count, sampling, batch_size)
+    prompt = prompt_ids(loaded.tokenizer, loaded.template, problem, style)
+    texts = generate_from_ids(loaded, [prompt] * count, sampling, batch_size)
     return [cut_at_stop(t, COMPLETION_STOPS) if style == "completion" else t for t in texts]
+
+
+def answer(loaded, problems: list[Problem], index: int, model: str, samples: list[int], sampling, style: str,
+           limits: Limits, workers: int, batch_size: int) -> list[dict[str, Any]]:
+    """Samples `samples` of problem `index`, generated (seed: sampling.seed + index, whoever asks) and executed."""
+    problem = problems[index]
+    seeded = sampling.model_copy(update={"seed": (sampling.seed or 0) + index})
+    completions = sample_completions(loaded, problem, style, seeded, len(samples), batch_size)
+    return execute([{"model": model, "task_id": problem.task_id, "sample": i, "completion": c}
+                    for i, c in zip(samples, completions)], {problem.task_id: problem}, style, limits, workers)
 
 
 def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[int], sampling, style: str,
@@ -279,11 +292,8 @@ def evaluate_run(loaded, problems: list[Problem], out: Path, n: int, ks: list[in
                 for index, problem in enumerate(problems):
                     missing = [i for i in range(n) if (model, problem.task_id, i) not in have]
                     if missing:
-                        seeded = sampling.model_copy(update={"seed": (sampling.seed or 0) + index})
-                        completions = sample_completions(loaded, problem, style, seeded, len(missing), batch_size)
-                        rows = execute([{"model": model, "task_id": problem.task_id, "sample": i, "completion": c}
-                                        for i, c in zip(missing, completions)],
-                                       {problem.task_id: problem}, style, limits, workers)
+                        rows = answer(loaded, problems, index, model, missing, sampling, style, limits, workers,
+                                      batch_size)
                         append(path, rows)
                         done += rows
                     bar.advance()
@@ -348,3 +358,95 @@ def heldout_loss(loaded, path: Path, console) -> dict[str, Any]:
             result[model] = {"loss": mean, "perplexity": math.exp(mean)}
             result["trained_tokens"] = tokens
     return result
+
+
+# while training: train.eval_problems ----------------------------------------------------------------------------
+
+EVAL_SHARE = 0.25  # check and train say so when the eval_problems eval takes more of the training time than this
+
+
+def training_problems(recipe) -> list[Problem] | None:
+    """train.eval_problems, read and allowed to run (check's and train's preflight), or None when the recipe has
+    none."""
+    t = recipe.train
+    if not t.eval_problems:
+        return None
+    check_execution_allowed(t.allow_code_execution, "train.eval_problems: the run executes the code it writes for "
+                            "them: set train.allow_code_execution: true")
+    return read_problems(Path(t.eval_problems), "train.eval_problems")
+
+
+def training_eval_settings(recipe) -> tuple[str, Any, list[int]]:
+    """How train.eval_problems is answered: the style (completion for the raw template, else the run's template),
+    the sampling (greedy for one sample, else the generation section's; seeded by train.seed) and the ks reported."""
+    t = recipe.train
+    style = "completion" if recipe.data.template == "raw" else "instruct"
+    sampling = recipe.generation.model_copy(update={"max_new_tokens": t.eval_max_new_tokens, "seed": t.seed,
+                                                    **({"temperature": 0.0} if t.eval_samples == 1 else {})})
+    return style, sampling, sorted({1, t.eval_samples})
+
+
+def evaluate_shard(loaded, problems: list[Problem], samples: int, sampling, style: str, limits: Limits,
+                   workers: int) -> list[dict[str, Any]]:
+    """This process's share of the problems (every world_size-th, from its rank) answered and executed, then every
+    process's results in problem order, on every process (a collective under several processes)."""
+    from qlora import distributed
+
+    mine = [row for index in range(distributed.rank(), len(problems), distributed.world_size())
+            for row in answer(loaded, problems, index, "run", list(range(samples)), sampling, style, limits, workers,
+                              samples)]
+    order = {p.task_id: i for i, p in enumerate(problems)}
+    return sorted(distributed.gathered(mine), key=lambda r: (order[r["task_id"]], r["sample"]))
+
+
+def make_problems_callback(loaded, problems: list[Problem], recipe, log):
+    """A TrainerCallback answering train.eval_problems with the model being trained: at step 0 (the base), every
+    eval_problems_every steps and at the last step, before that step's checkpoint is written. pass@k goes to `log`
+    (the trainer's: metrics.jsonl, the console, the trackers) and, with keep_best: pass@1, the best score and step
+    into the trainer's state, which checkpoints carry, so a resumed run keeps them.
+
+    The model generates in eval mode without gradients; its train mode, its 4-bit weights' layout
+    (checkpoint.inference_layout) and every RNG state are restored afterwards, so training goes on exactly as it
+    would without the eval."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    from qlora.checkpoint import inference_layout, rng_state, set_rng_state
+
+    t = recipe.train
+    every = t.eval_problems_every or t.eval_steps or t.save_steps
+    style, sampling, ks = training_eval_settings(recipe)
+    limits, workers = Limits(), os.cpu_count() or 1
+
+    class ProblemsCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                self.evaluate(state, control)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0 or state.global_step >= state.max_steps:
+                self.evaluate(state, control)
+
+        def evaluate(self, state, control):
+            model, started, rng = loaded.model, time.perf_counter(), rng_state()
+            training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), inference_layout(model):
+                    rows = evaluate_shard(loaded, problems, t.eval_samples, sampling, style, limits, workers)
+            finally:
+                model.train(training)
+                set_rng_state(rng)
+            summary = summarize(rows, problems, ks)
+            if t.keep_best == "pass@1" and state.global_step and (
+                    state.best_metric is None or summary["pass@1"] > state.best_metric):
+                state.best_metric, state.best_global_step = summary["pass@1"], state.global_step
+            logging = control.should_log  # set for this step's training loss, which the trainer logs after us
+            log({**{f"eval_{k}": v for k, v in summary.items() if k.startswith("pass@")},
+                 "eval_passed": summary["outcomes"]["passed"], "eval_samples": summary["samples"],
+                 "eval_seconds": round(time.perf_counter() - started, 3)})
+            control.should_log = logging  # the log's callback handler cleared it
+
+    return ProblemsCallback()

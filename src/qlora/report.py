@@ -11,24 +11,24 @@ from typing import Any
 from qlora.config import load_recipe
 from qlora.errors import UserError
 from qlora.files import check_parent, output_lock, write_atomic
-from qlora.rundir import METRICS_FILE, RECIPE_FILE, read_eval_summary
+from qlora.rundir import METRICS_FILE, RECIPE_FILE, read_best, read_eval_summary
 from qlora.runfiles import read_metrics
 
 # in every report written (PNG "Software" text, HTML "generator" meta): the only files --output replaces
 MARK = "qlora report"
 HTML_MARK = f"<meta name='generator' content='{MARK}'>"
 # (metrics.jsonl key, plot title), in the order drawn
-SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("learning_rate", "learning rate"),
-          ("grad_norm", "gradient norm"), ("tokens_per_second", "tokens/s"))
+SERIES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("pass@1", "pass@1 (train.eval_problems)"),
+          ("learning_rate", "learning rate"), ("grad_norm", "gradient norm"), ("tokens_per_second", "tokens/s"))
 
 
 def read_run(run: Path) -> dict[str, Any]:
-    """The run's recipe, metrics.jsonl records and, when present, its eval summary."""
+    """The run's recipe, metrics.jsonl records and, when present, its eval summary and best.json."""
     if not (run / RECIPE_FILE).is_file() or not (run / METRICS_FILE).is_file():
         raise UserError(f"{run}: not a qlora run with metrics (needs {RECIPE_FILE} and {METRICS_FILE})")
     records = read_metrics(run / METRICS_FILE, "fix or delete that line")
     return {"name": run.resolve().name, "recipe": load_recipe(run / RECIPE_FILE), "records": records,
-            "eval": read_eval_summary(run)}
+            "eval": read_eval_summary(run), "best": read_best(run)}
 
 
 def series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -56,6 +56,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "tokens": f"{train[-1].get('tokens_seen') or 0:,}" if train else "0",
         "last train loss": f"{train[-1]['loss']:.4f}" if train else "n/a",
         "best eval loss": f"{min(eval_losses):.4f}" if eval_losses else "n/a",
+        **pass_at_1_facts(run),
         "wall clock": f"{(times[-1] - times[0]) / 60:.1f} min between the first and last log" if len(times) > 1
         else "n/a",
     }
@@ -70,6 +71,31 @@ def summary_lines(runs: list[dict[str, Any]]) -> list[str]:
         return [f"{key}: {value}" for key, value in summary(runs[0]).items() if key != "model"]
     return [f"{run['name']}: {facts['steps']} steps, last train loss {facts['last train loss']}, best eval loss "
             f"{facts['best eval loss']}" for run in runs for facts in [summary(run)]]
+
+
+def pass_at_1_facts(run: dict[str, Any]) -> dict[str, str]:
+    """With train.eval_problems: the base's pass@1 (step 0), the best and the last."""
+    points = [(r["step"], r["pass@1"]) for r in run["records"] if r.get("pass@1") is not None]
+    if not points:
+        return {}
+    best = max(points[1:] if points[0][0] == 0 and len(points) > 1 else points, key=lambda p: p[1])
+    facts = {"base pass@1": f"{points[0][1]:.3f}" if points[0][0] == 0 else "n/a",
+             "best pass@1": f"{best[1]:.3f} at step {best[0]}", "last pass@1": f"{points[-1][1]:.3f}"}
+    if run["best"]:
+        facts["adapter/"] = f"checkpoint-{run['best']['step']} (best {run['best']['metric']})"
+    return facts
+
+
+def mark_base_and_best(ax, run: dict[str, Any], steps: list[int], values: list[float]) -> None:
+    """On the pass@1 panel: the base (step 0) and the checkpoint published as adapter/ by keep_best: pass@1."""
+    if steps[0] == 0:
+        ax.annotate("base", (0, values[0]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    best = run["best"]
+    if best and best["metric"] == "pass@1" and best["step"] in steps:
+        ax.plot([best["step"]], [values[steps.index(best["step"])]], marker="*", markersize=12, linestyle="none",
+                color=ax.lines[-1].get_color())
+        ax.annotate("best: adapter/", (best["step"], values[steps.index(best["step"])]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8)
 
 
 def figure(runs: list[dict[str, Any]]):
@@ -93,11 +119,15 @@ def figure(runs: list[dict[str, Any]]):
             if key in (points := series(run["records"])):
                 ax.plot(*points[key], marker="o" if len(points[key][0]) < 30 else None, markersize=3,
                         label=run["name"])
+                if key == "pass@1":
+                    mark_base_and_best(ax, run, *points[key])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if key == "learning_rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        if key == "pass@1":
+            ax.set_ylim(-0.05, 1.1)
     if evaluated:
         ax = flat[len(drawn)]
         keys = sorted({k for r in evaluated for k in r["eval"] if k.startswith("pass@")})

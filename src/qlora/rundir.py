@@ -58,6 +58,22 @@ def read_eval_summary(run: Path) -> dict | None:
     return runfiles.read_eval_summary(path) if path.is_file() else None
 
 
+def read_best(run: Path) -> dict | None:
+    """The run's best.json (train.keep_best), or None when it has none."""
+    path = run / BEST_FILE
+    return runfiles.read_best(path) if path.is_file() else None
+
+
+def adapter_origin(run: Path) -> str:
+    """Which checkpoint a finished run's adapter/ is: the best one by train.keep_best (best.json), or the last."""
+    best, last = read_best(run), (read_marker(run).get("complete") or {}).get("step")
+    ended = f"; the run ended at step {last}" if last is not None else ""
+    if best is None or best["score"] is None:
+        return f"{run / ADAPTER_DIR} is the run's last checkpoint{f' (step {last})' if last is not None else ''}"
+    return (f"{run / ADAPTER_DIR} is checkpoint-{best['step']}, the best {best['metric']} of the run's evals "
+            f"({best['score']:.4f}){ended}")
+
+
 def check_run_adapter(run: Path) -> None:
     """A finished run's adapter/ readable (runfiles.check_adapter) before any model loads; the fix names the
     checkpoint `train` writes it again from."""
@@ -90,10 +106,12 @@ def best_checkpoint(final: Path) -> dict[str, Any]:
     return {"checkpoint": final.parent / f"checkpoint-{step}", "step": step, "score": state["best_metric"]}
 
 
-def data_fingerprint(rows: list[Any], eval_rows: list[Any] | None) -> str:
-    """sha256 of the training (and eval) rows as loaded: a resume on changed data is refused."""
+def data_fingerprint(rows: list[Any], eval_rows: list[Any] | None, problems: list[Any] | None = None
+                     ) -> str:
+    """sha256 of the training (and eval) rows as loaded, and of train.eval_problems' problems when set (the best
+    score so far is theirs): a resume on changed data is refused."""
     digest = hashlib.sha256()
-    for part in (rows, eval_rows or []):
+    for part in (rows, eval_rows or [], *([problems] if problems else [])):
         digest.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
     return digest.hexdigest()
 
@@ -160,9 +178,24 @@ def run_lock(run: Path):
     return held_lock(run / LOCK_FILE, "train", "train.output_dir", run, remove=False)
 
 
+def evals_since_best(recipe: Recipe, log_history: list[dict], best_step: int | None) -> int:
+    """The evals of the train.keep_best metric after the best one, in a trainer state's log history."""
+    key = "eval_loss" if recipe.train.keep_best == "eval_loss" else "eval_pass@1"
+    return sum(1 for entry in log_history if key in entry and best_step and entry["step"] > best_step)
+
+
+def early_stopped(recipe: Recipe, log_history: list[dict], best_step: int | None) -> bool:
+    """Whether train.early_stopping_patience evals in a row have not beaten the best (a trainer state's)."""
+    patience = recipe.train.early_stopping_patience
+    return bool(patience and best_step and evals_since_best(recipe, log_history, best_step) >= patience)
+
+
 def run_target_reached(recipe: Recipe, checkpoint: Path) -> bool:
-    """Whether `checkpoint` is the end of the run the recipe asks for (max_steps, else its epochs)."""
+    """Whether `checkpoint` is the end of the run the recipe asks for (max_steps, else its epochs; or early
+    stopping)."""
     state = json.loads((checkpoint / TRAINER_STATE_JSON).read_text(encoding="utf-8"))
+    if early_stopped(recipe, state.get("log_history") or [], state.get("best_global_step")):
+        return True
     if recipe.train.max_steps:
         return state["global_step"] >= recipe.train.max_steps
     return state.get("num_train_epochs") == recipe.train.epochs and state["global_step"] >= state["max_steps"]
@@ -220,7 +253,8 @@ def plan_run(recipe: Recipe, fingerprint: str, overwrite: bool, keep: list[Path]
                         f"Only {' and '.join(RUN_LENGTH)} may change when resuming; pass --overwrite to start over "
                         "or set another train.output_dir")
     if marker.get("data") != fingerprint:
-        raise UserError(f"data.path: the rows differ from those {run} was trained on (sha256 {marker.get('data')}); "
+        what = "data.path: the rows" + (" or train.eval_problems: the problems" if recipe.train.eval_problems else "")
+        raise UserError(f"{what} differ from those {run} was trained on (sha256 {marker.get('data')}); "
                         "restore the data, or pass --overwrite to start over, or set another train.output_dir")
     t, done = recipe.train, marker.get("complete")
     if done and done["max_steps"] == t.max_steps and done["epochs"] == t.epochs and (run / ADAPTER_DIR).is_dir():

@@ -11,7 +11,8 @@ from qlora.errors import UserError
 from qlora.files import jsonl_lines, parse_json, read_text
 
 # metrics.jsonl fields the report draws or prints: a number (or null) where present
-METRIC_NUMBERS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen", "time")
+METRIC_NUMBERS = ("loss", "eval_loss", "pass@1", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen",
+                  "time")
 
 
 def damaged(path: Path, problem: str, fix: str) -> UserError:
@@ -104,6 +105,17 @@ def read_eval_summary(path: Path) -> dict:
             if key.startswith("pass@") and not (is_number(value) and 0 <= value <= 1):
                 raise damaged(path, f"{where}{key} is {kind(value)}, not a score from 0 to 1", fix)
     return summary
+
+
+def read_best(path: Path) -> dict:
+    """best.json (train.keep_best): the metric, the step whose checkpoint adapter/ is, its score (null when no eval
+    ran) and the run's last step."""
+    fix = f"delete it and {path.parent / 'adapter'}, then run `qlora train {path.parent / 'recipe.yaml'}` to write both again"
+    best = read_json(path, fix)
+    if not isinstance(best.get("metric"), str) or type(best.get("step")) is not int \
+            or type(best.get("last_step")) is not int or not (best.get("score") is None or is_number(best["score"])):
+        raise damaged(path, "is not an object with a metric, an integer step and last_step, and a score", fix)
+    return best
 
 
 def safetensors_problem(path: Path) -> str | None:

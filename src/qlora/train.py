@@ -18,11 +18,13 @@ from qlora.collate import PackedCollator
 from qlora.config import Recipe
 from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
+from qlora.evaluate import EVAL_SHARE, make_problems_callback
 from qlora.files import publish_dir, tmp_sibling, write_json
 from qlora.model import add_lora, device_description, fsdp_arguments, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
                           RECIPE_FILE, TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
-                          complete_checkpoints, mark_complete, plan_run, record_environment, record_recipe, run_lock)
+                          complete_checkpoints, early_stopped, evals_since_best, mark_complete, plan_run,
+                          record_environment, record_recipe, run_lock)
 
 # no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
 console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
@@ -133,6 +135,14 @@ def make_metrics_callback(path: Path):
             if logs and "eval_loss" in logs:
                 with path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
+            if logs and "eval_pass@1" in logs:  # train.eval_problems (evaluate.make_problems_callback)
+                record = {"step": state.global_step, **{k.removeprefix("eval_"): v for k, v in logs.items()
+                                                        if k.startswith("eval_pass@")},
+                          "passed": logs["eval_passed"], "samples": logs["eval_samples"],
+                          "eval_seconds": logs["eval_seconds"]}
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                self.last_time += logs["eval_seconds"]  # the eval's time is not training's: tokens/s leaves it out
             if not logs or "loss" not in logs:
                 return
             self.pause()
@@ -175,8 +185,9 @@ def make_console_callback():
 
     class ConsoleCallback(TrainerCallback):
         def __init__(self):
-            self.progress, self.task, self.last = None, None, {}
+            self.progress, self.task, self.last, self.solved = None, None, {}, {}
             self.started = self.tokens = 0
+            self.trained_since = None  # perf_counter() when the last eval_problems eval ended
 
         def figures(self, state) -> str:
             log = self.last
@@ -185,6 +196,8 @@ def make_console_callback():
                 parts += [f"loss {log['loss']:.4f}", f"lr {log.get('learning_rate') or 0:.2e}"]
                 if log.get("grad_norm") is not None:
                     parts.append(f"gnorm {log['grad_norm']:.3f}")
+            if self.solved:
+                parts.append(f"pass@1 {self.solved['eval_pass@1']:.3f} (step {self.solved['step']})")
             seconds = time.perf_counter() - self.started
             if seconds > 0 and state.num_input_tokens_seen > self.tokens:
                 parts.append(f"{(state.num_input_tokens_seen - self.tokens) / seconds:,.0f} tok/s")
@@ -208,12 +221,31 @@ def make_console_callback():
             logs = logs or {}
             if "eval_loss" in logs:
                 console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            if "eval_pass@1" in logs:
+                self.solved = {**logs, "step": state.global_step}
+                console.print(self.eval_line(state, logs), highlight=False)
             if "loss" in logs:
                 self.last = logs
                 if self.progress is None:
                     console.print(self.figures(state), highlight=False)
             if "train_loss" in logs:  # the trainer's closing summary
                 console.print(f"trained to step {state.global_step} in {logs['train_runtime']:.0f} s", highlight=False)
+
+        def eval_line(self, state, logs) -> str:
+            """pass@k of an eval_problems eval, its time, and its share of the time since the previous one."""
+            scores = ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in logs.items()
+                               if k.startswith("eval_pass@"))
+            line = (f"step {state.global_step}{' (base)' if state.global_step == 0 else ''}: {scores} "
+                    f"({logs['eval_passed']} of {logs['eval_samples']} answers passed) in {logs['eval_seconds']:.1f} s")
+            now = time.perf_counter()
+            if self.trained_since is not None:
+                share = logs["eval_seconds"] / max(now - self.trained_since, 1e-9)
+                line += f", {share:.0%} of the time since the previous eval"
+                if share > EVAL_SHARE:
+                    line += (f", more than {EVAL_SHARE:.0%}: raise train.eval_problems_every, or lower "
+                             "train.eval_max_new_tokens or eval_samples")
+            self.trained_since = now
+            return line
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.progress is not None:
@@ -222,6 +254,29 @@ def make_console_callback():
                 self.progress = None
 
     return ConsoleCallback()
+
+
+def make_early_stopping_callback(recipe: Recipe):
+    """A TrainerCallback ending the run at a checkpoint once train.early_stopping_patience evals of the keep_best metric
+    in a row have not beaten the best. It counts from the trainer's state (the evals in its log history after its best
+    step), which every checkpoint carries, so a resumed run counts on where it stopped; transformers'
+    EarlyStoppingCallback keeps its count in itself, restored only by recreating every callback."""
+    from transformers import TrainerCallback
+
+    t = recipe.train
+
+    class EarlyStopping(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            # called after the step's eval and the trainer's (or make_problems_callback's) update of the best
+            best = state.best_global_step
+            if early_stopped(recipe, state.log_history, best) and not control.should_training_stop:
+                console.print(f"early stopping at step {state.global_step}: {t.keep_best} has not beaten "
+                              f"{state.best_metric:.4f} (step {best}) in the "
+                              f"{evals_since_best(recipe, state.log_history, best)} eval(s) since "
+                              f"(train.early_stopping_patience: {t.early_stopping_patience})", highlight=False)
+                control.should_training_stop = True
+
+    return EarlyStopping()
 
 
 def use_liger(setting: str) -> bool:
@@ -391,10 +446,11 @@ def write_adapter(run: Path, checkpoint: Path, pre: Preflight) -> None:
 
 def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -> Path:
     import torch
-    from transformers import PrinterCallback, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
     from transformers.integrations import TensorBoardCallback
 
     from qlora.checkpoint import QLoRATrainer, ShardedQLoRATrainer, StopAtSignal
+    from qlora.generate import LoadedModel
 
     distributed.start(cpu=not torch.cuda.is_available())
     # every check `qlora check` runs, on every rank (each must see the model and data); nothing is written before
@@ -433,6 +489,12 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
+        # the eval_problems eval before StopAtSignal, so that a signal during an eval stops the run at this step's
+        # checkpoint; it logs with transformers' own Trainer.log, as TRL's would fold its pending training metrics
+        # into the eval's record
+        evals = [make_problems_callback(LoadedModel(model, pre.tokenizer, pre.template, recipe), pre.problems, recipe,
+                                        lambda logs: Trainer.log(trainer, logs))] if pre.problems else []
+        stopping = [make_early_stopping_callback(recipe)] if t.early_stopping_patience else []
         trainer = (ShardedQLoRATrainer if sharded(recipe) else QLoRATrainer)(
             model=model,
             args=sft_config(recipe, run),
@@ -440,8 +502,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             eval_dataset=eval_dataset,
             processing_class=pre.tokenizer,
             data_collator=collator(recipe, pre.tokenizer),
-            callbacks=[make_metrics_callback(run / METRICS_FILE), make_console_callback(), StopAtSignal(stop),
-                       *callbacks],
+            callbacks=[make_metrics_callback(run / METRICS_FILE), make_console_callback(), *evals, StopAtSignal(stop),
+                       *stopping, *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # it prints the raw log dicts
         for callback in trainer.callback_handler.callbacks:
