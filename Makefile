@@ -39,7 +39,7 @@ demo: install
 	$(VENV)/bin/qlora eval $(DEMO_RUN) --out $(DEMO_RUN)/eval --compare-base \
 		--loss src/qlora/sample_data/heldout_tasks.json \
 		--problems src/qlora/sample_data/eval_problems.jsonl --allow-code-execution --temperature 0 --max-new-tokens 256
-	$(VENV)/bin/qlora generate $(DEMO_RUN) --prompt "Write a function that returns the n-th triangular number."
+	$(VENV)/bin/qlora generate $(DEMO_RUN) --prompt "Return the second largest distinct number in a list, or None if there is none."
 
 test: install
 	$(PY) -m pytest -q
