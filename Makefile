@@ -7,7 +7,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-gpu clean
 
 install: $(VENV)/.installed
 
@@ -42,7 +42,11 @@ demo: install
 	$(VENV)/bin/qlora generate $(DEMO_RUN) --prompt "Return the second largest distinct number in a list, or None if there is none."
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not gpu"
+
+# On a machine with a CUDA GPU: the GPU paths (tests/test_gpu.py); each test says why it skips where it cannot run.
+test-gpu: install
+	$(PY) -m pytest -q -rs -m gpu
 
 clean:
 	rm -rf $(VENV) runs models

@@ -220,7 +220,66 @@ RECIPE_CASES = [
     ("set-deep", lambda w: [write_recipe(w), "--set", f"lora.modules_to_save={DEEP}"], "lora.modules_to_save"),
     ("set-5001-digit-integer", lambda w: [write_recipe(w), "--set", f"lora.r={LONG_INTEGER}"], "lora.r"),
     ("set-complex-key", lambda w: [write_recipe(w), "--set", "train.extra={? [a, b]: 1}"], "train.extra"),
+    # train.keep_best and the trainer's own best-model keys it replaces
+    ("keep-best-without-eval-data", recipe_with(train__keep_best="eval_loss"), "train.keep_best"),
+    ("keep-best-unknown-metric", recipe_with(train__keep_best="pass@1"), "train.keep_best"),
+    ("keep-best-eval-without-checkpoint", lambda w: [write_recipe(w, {
+        "train.keep_best": "eval_loss", "train.save_steps": 4, "train.eval_steps": 6,
+        "data.eval_path": data_file("eval.json", GOOD)})], "eval_steps a multiple of save_steps"),
+    ("extra-metric-for-best-model", recipe_with(train__extra={"metric_for_best_model": "eval_loss"}),
+     "use train.keep_best"),
+    ("extra-load-best-model-at-end", recipe_with(train__extra={"load_best_model_at_end": True}),
+     "use train.keep_best"),
+    # check passing means train finishes: bounds, saving, eval data, columns, the output directory (issue 28, item 5)
+    ("rank-1e29", recipe_with(lora__r=10**29), "lora.r"),
+    ("rank-above-the-narrowest-layer", recipe_with(lora__r=33), "k_proj (128 -> 32)"),
+    ("learning-rate-1e300", recipe_with(train__learning_rate=1e300), "train.learning_rate: at most 1"),
+    ("weight-decay-above-1", recipe_with(train__weight_decay=2.0), "train.weight_decay: at most 1"),
+    ("max-steps-1e20", recipe_with(train__max_steps=10**20), "train.max_steps"),
+    ("epochs-beyond-a-year", recipe_with(train__max_steps=None, train__epochs=1e300), "train.epochs"),
+    ("batch-beyond-memory", recipe_with(train__batch_size=10**9), "train.batch_size"),
+    ("extra-save-strategy-no", recipe_with(train__extra={"save_strategy": "no"}), "train.extra.save_strategy"),
+    ("extra-save-strategy-epoch", recipe_with(train__extra={"save_strategy": "epoch"}), "train.extra.save_strategy"),
+    ("extra-save-only-model", recipe_with(train__extra={"save_only_model": True}), "train.extra.save_only_model"),
+    ("extra-ignore-data-skip", recipe_with(train__extra={"ignore_data_skip": True}), "train.extra.ignore_data_skip"),
+    ("extra-resume-from-checkpoint", recipe_with(train__extra={"resume_from_checkpoint": "run/checkpoints/x"}),
+     "train.extra.resume_from_checkpoint"),
+    ("extra-load-best-model-at-end-with-eval-data",
+     recipe_with(data__eval_fraction=0.4, train__extra={"load_best_model_at_end": True}),
+     "train.extra.load_best_model_at_end"),
+    ("extra-save-on-each-node", recipe_with(train__extra={"save_on_each_node": True}), "train.extra.save_on_each_node"),
+    ("eval-steps-without-eval-data", recipe_with(train__eval_steps=5), "train.eval_steps"),
+    ("eval-batch-size-without-eval-data", recipe_with(train__eval_batch_size=2), "train.eval_batch_size"),
+    ("mapped-column-in-no-row", recipe_with(data__fields={"input": "nosuchcolumn"}),
+     "data.fields.input: no row of"),
+    ("mapped-column-in-no-eval-row",
+     lambda w: [write_recipe(w, {"data.path": data_file("d.json", [dict(ROW, context="x")]), "data.eval_path":
+                                 data_file("e.json", [ROW]), "data.fields": {"input": "context"}})], "e.json"),
+    ("output-dir-in-proc", recipe_with(train__output_dir="/proc/qlora-run"), "train.output_dir"),
+    ("generation-temperature-1e-300", recipe_with(generation__temperature=1e-300), "generation.temperature"),
+    ("generation-repetition-penalty-1e-300", recipe_with(generation__repetition_penalty=1e-300),
+     "generation.repetition_penalty"),
+    ("data-csv-row-with-an-extra-field", with_data("d.csv", b"instruction,output\nhi,there\nx,y,extra\n"),
+     "d.csv line 3"),
+    ("data-dataset-info-garbage", lambda w: [saved_dataset("ddir", "dataset_info.json")
+                                            and write_recipe(w, {"data.path": "./ddir"})], "ddir"),
+    ("data-dataset-state-garbage", lambda w: [saved_dataset("ddir", "state.json")
+                                             and write_recipe(w, {"data.path": "./ddir"})], "ddir"),
 ]
+
+
+def launch(*flags):
+    """`qlora train` through the launcher with one process, then `flags` (a later --nproc-per-node wins)."""
+    return lambda w: [write_recipe(w), "--nproc-per-node", "1", *flags]
+
+
+def saved_dataset(name: str, garbage: str) -> bool:
+    """A directory saved by datasets.save_to_disk whose file `garbage` holds garbage."""
+    import datasets
+
+    datasets.Dataset.from_list(GOOD).save_to_disk(name)
+    Path(name, garbage).write_text("garbage")
+    return True
 
 
 def generate_args(*flags):
@@ -278,12 +337,13 @@ OTHER_CASES = [
     ("generate-inf-temperature", "generate", generate_args("--temperature", "inf"), "temperature"),
     ("generate-nan-temperature", "generate", generate_args("--temperature", "nan"), "temperature"),
     ("generate-negative-temperature", "generate", generate_args("--temperature", "-1"), "temperature"),
-    ("generate-zero-top-p", "generate", generate_args("--top-p", "0"), "top_p"),
-    ("generate-top-p-above-1", "generate", generate_args("--top-p", "1.5"), "top_p"),
-    ("generate-negative-top-k", "generate", generate_args("--top-k", "-1"), "top_k"),
-    ("generate-zero-beams", "generate", generate_args("--num-beams", "0"), "num_beams"),
-    ("generate-zero-new-tokens", "generate", generate_args("--max-new-tokens", "0"), "max_new_tokens"),
-    ("generate-zero-repetition-penalty", "generate", generate_args("--repetition-penalty", "0"), "repetition_penalty"),
+    ("generate-zero-top-p", "generate", generate_args("--top-p", "0"), "--top-p"),
+    ("generate-top-p-above-1", "generate", generate_args("--top-p", "1.5"), "--top-p"),
+    ("generate-negative-top-k", "generate", generate_args("--top-k", "-1"), "--top-k"),
+    ("generate-zero-beams", "generate", generate_args("--num-beams", "0"), "--num-beams"),
+    ("generate-zero-new-tokens", "generate", generate_args("--max-new-tokens", "0"), "--max-new-tokens"),
+    ("generate-zero-repetition-penalty", "generate", generate_args("--repetition-penalty", "0"),
+     "--repetition-penalty"),
     ("generate-beams-stream", "generate", generate_args("--num-beams", "2", "--stream"), "--stream"),
     ("generate-input-missing", "generate",
      lambda w: [str(w.run), "--input-file", "nope.jsonl", "--output-file", "out.jsonl"], "nope.jsonl"),
@@ -416,6 +476,32 @@ OTHER_CASES = [
      lambda w: ["--problems", str(PROBLEMS), "--samples",
                 data_file("s.jsonl", b'{"task_id": "qlora/0", "completion": ""}\n'), "--out", "o",
                 "--allow-code-execution"] if eval_out(made(w)) else [], "weights sha256"),
+    # every flag of every command, one line before a model loads (issue 28, item 6)
+    ("eval-negative-temperature", "eval", eval_args("--temperature", "-1"), "--temperature"),
+    ("eval-nan-temperature", "eval", eval_args("--temperature", "nan"), "--temperature"),
+    ("eval-temperature-1e-300", "eval", eval_args("--temperature", "1e-300"), "--temperature"),
+    ("eval-zero-top-p", "eval", eval_args("--top-p", "0"), "--top-p"),
+    ("eval-nan-top-p", "eval", eval_args("--top-p", "nan"), "--top-p"),
+    ("eval-zero-new-tokens", "eval", eval_args("--max-new-tokens", "0"), "--max-new-tokens"),
+    ("eval-negative-seed", "eval", eval_args("--seed", "-1"), "--seed"),
+    ("eval-huge-seed", "eval", eval_args("--seed", str(2**32)), "--seed"),
+    ("eval-timeout-1e300", "eval", eval_args("--timeout", "1e300"), "--timeout"),
+    ("eval-nan-timeout", "eval", eval_args("--timeout", "nan"), "--timeout"),
+    ("generate-temperature-1e-300", "generate", generate_args("--temperature", "1e-300"), "--temperature"),
+    ("generate-repetition-penalty-1e-300", "generate", generate_args("--repetition-penalty", "1e-300"),
+     "--repetition-penalty"),
+    ("generate-nan-repetition-penalty", "generate", generate_args("--repetition-penalty", "nan"),
+     "--repetition-penalty"),
+    ("generate-200000-beams", "generate", generate_args("--num-beams", "200000"), "--num-beams 200000"),
+    ("generate-more-beams-than-tokens", "generate", generate_args("--num-beams", "1025"), "1,024 tokens"),
+    ("generate-file-beams", "generate", prompts_file(PROMPT, "--num-beams", str(10**12)), "--num-beams"),
+    ("train-master-port-99999", "train", launch("--master-port", "99999"), "--master-port"),
+    ("train-nnodes-abc", "train", launch("--nnodes", "abc"), "--nnodes"),
+    ("train-nnodes-backwards", "train", launch("--nnodes", "3:2"), "--nnodes"),
+    ("train-node-rank-past-nnodes", "train", launch("--nnodes", "2", "--node-rank", "2"), "--node-rank"),
+    ("train-rdzv-endpoint-without-port", "train", launch("--rdzv-endpoint", "host"), "--rdzv-endpoint"),
+    ("train-empty-master-addr", "train", launch("--master-addr", ""), "--master-addr"),
+    ("train-a-million-processes", "train", launch("--nproc-per-node", "1000000"), "--nproc-per-node"),
 ]
 
 CASES = ([pytest.param(command, build, culprit, id=f"{command}-{name}")

@@ -173,7 +173,7 @@ def test_a_bad_recipe_under_two_processes_is_one_error_line(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("flags, env, message", [
-    (["--nproc-per-node", "0"], {}, "--nproc-per-node: 0 is not a number of processes; give 1 or more"),
+    (["--nproc-per-node", "0"], {}, "--nproc-per-node 0: give 1 to "),
     (["--nproc-per-node", "2"], {"WORLD_SIZE": "2"}, "--nproc-per-node: this command already runs under torchrun"),
 ], ids=["zero", "under-torchrun"])
 def test_launcher_flags_are_checked(tmp_path, tiny_model, monkeypatch, flags, env, message):

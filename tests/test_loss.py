@@ -89,3 +89,21 @@ def test_a_soft_capped_head_matches_too(tmp_path):
     assert torch.allclose(total / count, expected, rtol=1e-5)
     for got, want in zip((p.grad for p in model.parameters() if p.requires_grad), expected_grads):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_under_fp16_autocast_a_float32_head_computes_in_fp16_as_the_models_own_head_would():
+    """On a T4 peft keeps the head's weight in float32 and autocast runs the model's own head in fp16: qlora's loss
+    must do the same (fp16 matmuls, float32 loss), not three float32 matmuls."""
+    from qlora.loss import NLL, TrainedTokenCrossEntropy
+
+    torch.manual_seed(0)
+    hidden, weight, labels = torch.randn(8, 16, requires_grad=True), torch.randn(50, 16), torch.randint(0, 50, (8,))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = TrainedTokenCrossEntropy.apply(hidden, weight, None, labels, None, 1.0, None, None, NLL)
+        own = torch.nn.functional.linear(hidden, weight)  # what autocast makes of the model's own head
+    assert own.dtype == torch.float16 and loss.dtype == torch.float32
+    fp16 = torch.nn.functional.cross_entropy((hidden.half() @ weight.half().T).float(), labels, reduction="sum")
+    fp32 = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    assert loss.item() == fp16.item() != fp32.item()
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and hidden.grad.isfinite().all()

@@ -208,3 +208,27 @@ def test_resume_removes_only_trains_own_leftovers(make_recipe):
     train(with_train(recipe, max_steps=3))
     assert not (run / ".adapter.tmp").exists() and not (run / "checkpoints/.checkpoint-3.tmp").exists()
     assert {k: v for k, v in snapshot(run).items() if k in kept} == kept
+
+
+def test_keep_best_publishes_the_checkpoint_with_the_lowest_eval_loss_and_a_resume_keeps_it(make_recipe, tmp_path):
+    """Trained on one row and evaluated on another, the tiny twin overfits: its eval loss is lowest at step 4 of 16.
+    adapter/ is that checkpoint, which save_total_limit: 1 never deleted, and a run stopped at step 6 and extended to
+    16 picks the same one."""
+    (tmp_path / "eval.json").write_text(json.dumps([ROW_WITH_INPUT]))
+    recipe = make_recipe(rows=[ROW], data={"eval_path": str(tmp_path / "eval.json")},
+                         train={"max_steps": 6, "batch_size": 1, "learning_rate": 5e-3, "lr_scheduler": "constant",
+                                "logging_steps": 2, "save_steps": 2, "save_total_limit": 1, "keep_best": "eval_loss"})
+    run = train(recipe)
+    run = train(with_train(recipe, max_steps=16))
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r}
+    best_step = min(evals, key=evals.get)
+    assert sorted(evals) == list(range(2, 17, 2)) and best_step not in (2, 16)  # a real choice, not the last one
+    assert json.loads((run / "best.json").read_text()) == {"metric": "eval_loss", "step": best_step,
+                                                          "score": pytest.approx(evals[best_step]), "last_step": 16}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {f"checkpoint-{best_step}", "checkpoint-16"}
+    published = load_file(run / "adapter/adapter_model.safetensors")
+    best = load_file(run / f"checkpoints/checkpoint-{best_step}/adapter_model.safetensors")
+    last = load_file(run / "checkpoints/checkpoint-16/adapter_model.safetensors")
+    assert all((published[k] == best[k]).all() for k in best)
+    assert any((published[k] != last[k]).any() for k in last)

@@ -17,6 +17,7 @@ from qlora.config import Recipe
 from qlora.data import (IGNORE_INDEX, TEMPLATES, DataReport, Template, build_datasets, is_local_path, load_rows,
                         tokenize_rows)
 from qlora.errors import UserError
+from qlora.files import check_creatable
 from qlora.loss import CHUNK_ELEMENTS, unproven
 from qlora.rundir import RunPlan, data_fingerprint, plan_run, refuse_if_locked
 
@@ -26,6 +27,8 @@ NESTED_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax valu
 # optimizer state bytes per trainable parameter
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# a year at 1 ms a step: no step takes less (the trainer's own Python work per step is more), so a longer run never ends
+MOST_STEPS = 365 * 24 * 3600 * 1000
 
 
 @dataclass
@@ -68,6 +71,7 @@ def model_shape(recipe: Recipe) -> ModelShape:
     targets = recipe.lora.target_modules
     quantized = lora = largest = 0
     linear_names = set()
+    narrowest = None  # the targeted layer whose smaller side is the smallest
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
@@ -76,7 +80,10 @@ def model_shape(recipe: Recipe) -> ModelShape:
         linear_names.add(name.rsplit(".", 1)[-1])
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             lora += recipe.lora.r * (module.in_features + module.out_features)
+            if narrowest is None or min(module.in_features, module.out_features) < min(narrowest[1:]):
+                narrowest = (name.rsplit(".", 1)[-1], module.in_features, module.out_features)
     check_module_names(model, recipe, sorted(linear_names))
+    check_rank(recipe, *narrowest)
     head_name = next(n for n, m in model.named_modules() if m is head).rsplit(".", 1)[-1]
     check_trained_tokens(head, head_name, recipe)
     trained = targets != "all-linear" and head_name in targets or head_name in recipe.lora.modules_to_save
@@ -109,6 +116,51 @@ def check_module_names(model, recipe: Recipe, linear_names: list[str]) -> None:
         if missing:
             raise UserError(f"{key}: {', '.join(missing)} matches no layer of {recipe.model.name_or_path}; "
                             f"its {kind} are {', '.join(valid)}")
+
+
+def check_rank(recipe: Recipe, layer: str, inputs: int, outputs: int) -> None:
+    """lora.r may not exceed the width of the narrowest layer it targets: the update of an inputs x outputs layer
+    has rank at most min(inputs, outputs), so a larger r only adds parameters and memory."""
+    width = min(inputs, outputs)
+    if recipe.lora.r > width:
+        raise UserError(f"lora.r: {recipe.lora.r} is above {width}, the width of {layer} ({inputs} -> {outputs}), "
+                        f"the narrowest layer it targets: an update of that layer has rank at most {width}; use "
+                        f"r <= {width} or leave {layer} out of lora.target_modules")
+
+
+def check_run_length(recipe: Recipe, rows: int) -> None:
+    """The run must end within a year even at 1 ms a step (MOST_STEPS): train.max_steps, or train.epochs over the
+    data's optimizer steps per epoch."""
+    t = recipe.train
+    if t.max_steps is not None:
+        steps, key = t.max_steps, f"train.max_steps: {t.max_steps}"
+    else:
+        per_epoch = max(1, -(-rows // t.batch_size) // t.grad_accum)
+        steps, key = t.epochs * per_epoch, f"train.epochs: {t.epochs:g} x {per_epoch} steps per epoch"
+    if steps > MOST_STEPS:
+        raise UserError(f"{key} would take more than a year even at 1 ms a step (less than any step takes); give "
+                        f"at most {MOST_STEPS:,} steps")
+
+
+def memory_problem(recipe: Recipe, memory: dict[str, Any]) -> str | None:
+    """Why the worst micro-batch (estimate_memory) cannot fit this device's memory, or None: train would run out
+    at such a batch."""
+    from qlora.model import device_memory
+
+    available, device = device_memory()
+    if memory["total"] <= available:
+        return None
+    rows = recipe.train.batch_size
+    return (f"train.batch_size: {rows} rows of {memory['tokens_per_micro_batch'] // rows:,} tokens (the longest "
+            f"example) need an estimated {memory['total'] / GB:,.1f} GiB, more than the {available / GB:.1f} GiB of "
+            f"{device}; lower train.batch_size (raise train.grad_accum to keep the effective batch), data.max_length "
+            "or lora.r (`qlora check` shows the estimate by part)")
+
+
+def worst_micro_batch(recipe: Recipe, shape: ModelShape, report: DataReport, processes: int = 1) -> dict[str, Any]:
+    """estimate_memory for batch_size rows of the longest example, each with the most trained tokens of any."""
+    b = recipe.train.batch_size
+    return estimate_memory(recipe, shape, b * max(report.lengths), b * report.most_trained, processes)
 
 
 def check_trained_tokens(head, name: str, recipe: Recipe) -> None:
@@ -301,6 +353,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     data, model = recipe.data, recipe.model
     rows = load_rows(data)
     eval_rows = load_rows(data, "eval_path") if data.eval_path else None
+    check_run_length(recipe, len(rows))
     tokenizer = load_tokenizer(model)
     add_trained_tokens(tokenizer, recipe.lora.trained_tokens)
     shape = model_shape(recipe)
@@ -310,6 +363,8 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     refuse_if_locked(Path(recipe.train.output_dir))
     fingerprint = data_fingerprint(rows, eval_rows)
     plan = plan_run(recipe, fingerprint, overwrite, keep)
+    if plan.action != "complete":
+        check_creatable(Path(recipe.train.output_dir), "train.output_dir")
     return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan,
                      loss)
 
@@ -339,6 +394,8 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
     lengths = report.lengths
     shape = pre.shape
     ordered = sorted(lengths)
+    memory = worst_micro_batch(recipe, shape, report, processes)
+    errors += [problem] if (problem := memory_problem(recipe, memory)) else []
     return CheckReport(
         data=report,
         errors=errors,
@@ -351,8 +408,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         padding_efficiency=padding_efficiency(lengths, recipe.train.batch_size, recipe.train.seed),
         packing_efficiency=packing_efficiency(lengths, data.max_length),
         trainable_parameters=shape.lora,
-        memory=estimate_memory(recipe, shape, recipe.train.batch_size * ordered[-1],
-                               recipe.train.batch_size * report.most_trained, processes),
+        memory=memory,
         trained_token_ids=dict(zip(recipe.lora.trained_tokens,
                                    tokenizer.convert_tokens_to_ids(recipe.lora.trained_tokens))),
         vocabulary=shape.vocab,

@@ -28,7 +28,7 @@ from qlora.errors import RunFailed
 from qlora.files import publish_dir, tmp_sibling
 from qlora.loss import Objective, add_trained_token_loss
 from qlora.rundir import (OPTIMIZER_JSON, OPTIMIZER_TENSORS, RNG_JSON, RNG_TENSORS, SCALER_JSON, SCHEDULER_JSON,
-                          TRAINER_STATE_JSON, complete_checkpoints)
+                          TRAINER_STATE_JSON, checkpoint_step, complete_checkpoints)
 
 MAX_OVERFLOWS = 20  # fp16 loss-scale overflows in a row that mean a diverged run (2^16 / 2^20 < 1)
 
@@ -174,8 +174,11 @@ class QLoRATrainer(SFTTrainer):
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         if main and self.args.save_total_limit:  # the newest (just written) is last, so it is never removed
+            # train.keep_best: the best step is in the trainer's state. Not as state.best_model_checkpoint: with
+            # save_total_limit 1 the trainer would delete every other checkpoint at the end, the last one too
             for old in complete_checkpoints(parent)[: -self.args.save_total_limit]:
-                shutil.rmtree(old)
+                if checkpoint_step(old) != self.state.best_global_step:
+                    shutil.rmtree(old)
         distributed.barrier()  # every rank sees the published checkpoint before training on
 
     def _save_optimizer_and_scheduler(self, output_dir):

@@ -5,7 +5,6 @@ Nothing heavy is imported at module level so `qlora --help` answers at once.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from contextlib import nullcontext
@@ -91,8 +90,7 @@ def train(
     """
 
     def launch():
-        if nproc_per_node < 1:
-            raise UserError(f"--nproc-per-node: {nproc_per_node} is not a number of processes; give 1 or more")
+        distributed.check_launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
         if distributed.world_size() > 1:
             raise UserError("--nproc-per-node: this command already runs under torchrun or accelerate launch; "
                             "leave the flag to the launcher")
@@ -195,11 +193,12 @@ def generate(
         if stream or chat:
             g.check_streamable(defaults)
         writing = nullcontext()
+        rows = g.read_prompt_rows(input_file) if input_file is not None else None
+        if rows is not None and g.rows_already_written(output_file, input_file, rows) == len(rows):
+            typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
+            return
+        g.check_beams(run, num_beams, 1 if chat else min(batch_size, len(rows) if rows is not None else len(prompt)))
         if input_file is not None:
-            rows = g.read_prompt_rows(input_file)
-            if g.rows_already_written(output_file, input_file, rows) == len(rows):
-                typer.echo(f"all {len(rows)} rows are already in {output_file}: nothing to do", err=True)
-                return
             writing = output_lock(output_file, "generate", "--output-file")
         kept = (f"the rows written so far are in {output_file}; run the same command to generate the rest"
                 if input_file is not None else "not every answer was printed")
@@ -360,9 +359,9 @@ def eval_(
         from rich.console import Console
 
         from qlora import evaluate as ev
-        from qlora.config import GenerationSection
+        from qlora.config import GenerationSection, with_generation_overrides
         from qlora.files import output_lock, write_json
-        from qlora.sandbox import Limits
+        from qlora.sandbox import MOST_SECONDS, Limits
 
         if problems is None and loss is None:
             raise UserError("give --problems FILE (pass@k) or --loss FILE (held-out loss), or both")
@@ -378,15 +377,17 @@ def eval_(
         for flag, value in (("--n", n), ("--batch-size", batch_size), ("--workers", workers)):
             if value < 1:
                 raise UserError(f"{flag} {value}: give 1 or more")
-        if not timeout > 0 or math.isinf(timeout):
-            raise UserError(f"--timeout {timeout}: give a number of seconds above 0")
+        if not 0 < timeout <= MOST_SECONDS:
+            raise UserError(f"--timeout {timeout}: give the seconds a sample may run, above 0 and at most "
+                            f"{MOST_SECONDS} (a day)")
         try:
             ks = sorted({int(x) for x in k.split(",")})
         except ValueError:
             raise UserError(f"--k {k!r}: give whole numbers separated by commas, e.g. 1,10") from None
         if ks[0] < 1 or (samples is None and ks[-1] > n):
             raise UserError(f"--k {k}: each k must be from 1 to --n ({n}): pass@k needs k samples per problem")
-        sampling = GenerationSection(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+        sampling = with_generation_overrides(GenerationSection(), dict(
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
         console = Console(stderr=True, soft_wrap=True)
         if problems is not None:
             ev.check_execution_allowed(allow_code_execution)

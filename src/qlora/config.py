@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora.errors import UserError
 from qlora.files import read_text
@@ -81,7 +81,10 @@ class QuantizationSection(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with r.")
+    r: int = Field(
+        16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with r. At most the "
+        "width (smaller side) of the narrowest layer it targets, beyond which an update gains no rank."
+    )
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input; 0.05-0.1 for small datasets.")
     target_modules: Literal["all-linear"] | list[str] = Field(
@@ -141,7 +144,8 @@ class DataSection(_Section):
         "(chat turns; loss on assistant turns only) or text (plain text; loss on every token).",
     )
     fields: dict[str, str] = Field(
-        {}, description="Our field names -> the file's columns, e.g. {output: response} for a `response` column."
+        {}, description="Our field names -> the file's columns, e.g. {output: response} for a `response` column; a "
+        "column in no row of the data is refused."
     )
     template: Literal["alpaca", "chatml", "llama-2", "gemma", "tokenizer", "raw"] | None = Field(
         None,
@@ -198,21 +202,32 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    output_dir: str = Field(description="Run directory: recipe.yaml, adapter/, checkpoints/, metrics.jsonl.")
+    output_dir: str = Field(description="Run directory: recipe.yaml, adapter/, checkpoints/, metrics.jsonl. check and "
+                            "train prove it can be created by making and removing a temporary directory there.")
     max_steps: int | None = Field(
-        None, gt=0, description="Optimizer steps to train; null trains for `epochs` instead."
+        None, gt=0, description="Optimizer steps to train; null trains for `epochs` instead. The run (max_steps, or "
+        "epochs x steps per epoch) must end within a year at 1 ms a step: 31,536,000,000 steps."
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is null.")
-    batch_size: int = Field(4, gt=0, description="Sequences per device per micro-batch; activation memory scales with it.")
+    batch_size: int = Field(
+        4, gt=0, description="Sequences per device per micro-batch; activation memory scales with it. check and train "
+        "refuse a batch of the longest example whose estimated peak exceeds the device's memory (RAM on a CPU)."
+    )
     grad_accum: int = Field(
         4, gt=0, description="Micro-batches per optimizer step: effective batch = batch_size x grad_accum."
     )
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; 1e-4 to 2e-4 is usual for QLoRA.")
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate; 1e-4 to 2e-4 is usual for QLoRA. At most 1: Adam moves each "
+        "weight by about the learning rate every step, and LoRA weights are far smaller than 1."
+    )
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         "cosine", description="Learning-rate schedule after warm-up."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming the LR up from 0.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay on the adapter weights. At most 1: each step multiplies a weight "
+        "by 1 - learning_rate x weight_decay, which must stay between 0 and 1."
+    )
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (0.3 as in the QLoRA paper).")
     optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adafactor"] = (
         Field("auto", description="Optimizer; auto = paged_adamw_8bit on CUDA (a quarter of AdamW's state memory, "
@@ -244,8 +259,18 @@ class TrainSection(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         [], description="Extra experiment trackers (metrics.jsonl is always written)."
     )
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps; null = save_steps.")
-    eval_batch_size: int | None = Field(None, gt=0, description="Sequences per device per eval batch; null = batch_size.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N optimizer steps; null = save_steps. Needs eval data "
+        "(data.eval_fraction or data.eval_path)."
+    )
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per device per eval batch; null = batch_size. Needs eval data."
+    )
+    keep_best: Literal["none", "eval_loss"] = Field(
+        "none", description="eval_loss: at the end, publish the checkpoint with the lowest eval loss as adapter/ (its "
+        "step and score in RUN/best.json) instead of the last one; save_total_limit never deletes it and a resumed "
+        "run keeps it. Needs eval data, and eval_steps a multiple of save_steps so every eval has a checkpoint."
+    )
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise on the input embeddings while training (the paper uses 5); "
         "null = off. Generation never sees it."
@@ -258,7 +283,9 @@ class TrainSection(_Section):
     )
     extra: dict[str, Any] = Field(
         {}, description="Further SFTConfig / TrainingArguments fields by name (e.g. {torch_compile: true}); a name "
-        "SFTConfig lacks, or that a key above already sets, is refused."
+        "SFTConfig lacks, or that a key above already sets, is refused, as are those that would break saving or "
+        "resuming: save_strategy, save_only_model, ignore_data_skip, resume_from_checkpoint, load_best_model_at_end, "
+        "save_on_each_node."
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -269,6 +296,17 @@ class TrainSection(_Section):
     )
 
 
+    @field_validator("learning_rate", "weight_decay")
+    @classmethod
+    def _at_most_one(cls, value: float, info) -> float:
+        if value > 1:
+            why = ("Adam moves each weight by about the learning rate every step, so the adapter diverges at once; "
+                   "1e-4 to 2e-4 is usual" if info.field_name == "learning_rate" else
+                   "each step multiplies a weight by 1 - learning_rate x weight_decay, which would flip its sign; "
+                   "0 to 0.1 is usual")
+            raise ValueError(f"at most 1: {why}")
+        return value
+
     @model_validator(mode="after")
     def _min_lr_with_cosine(self) -> TrainSection:
         if self.min_lr_ratio and self.lr_scheduler != "cosine":
@@ -277,18 +315,37 @@ class TrainSection(_Section):
         return self
 
 
+MIN_DIVISOR = 0.01  # vLLM's floor for the temperature: below it logits / temperature overflow float32 (inf, nan)
+
+
 class GenerationSection(_Section):
     max_new_tokens: int = Field(256, gt=0, description="Most tokens to generate per prompt.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 decodes greedily (deterministic).")
+    temperature: float = Field(
+        0.0, ge=0, description="Sampling temperature; 0 decodes greedily (deterministic). Otherwise at least 0.01: "
+        "the logits are divided by it, and below 0.01 they overflow to inf (vLLM's floor too) while sampling is "
+        "already greedy in all but name."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this mass.")
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 turns it off.")
     num_beams: int = Field(1, gt=0, description="Beam search width; 1 = no beam search.")
-    repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens already present.")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Above 1 discourages repeating tokens already present; at least 0.01, as the logits "
+        "of those tokens are divided by it."
+    )
     seed: int | None = Field(None, **SEED_RANGE,
                              description="Seed for sampling (0 to 2^32-1); the same seed gives the same text.")
     stop: list[str] = Field([], description="Strings that end the output; the text stops before the first one. The end of a "
                            "reply in the template (chatml's <|im_end|>, gemma's <end_of_turn>, a chat template's own) "
                            "always does.")
+
+    @field_validator("temperature", "repetition_penalty")
+    @classmethod
+    def _finite_logits(cls, value: float, info) -> float:
+        if 0 < value < MIN_DIVISOR:
+            zero = "0 (greedy) or " if info.field_name == "temperature" else ""
+            raise ValueError(f"give {zero}at least {MIN_DIVISOR}: the logits are divided by it, and below "
+                             f"{MIN_DIVISOR} they overflow float32 to inf and sampling fails")
+        return value
 
 
 class Recipe(_Section):
@@ -300,15 +357,37 @@ class Recipe(_Section):
     generation: GenerationSection = GenerationSection()
 
     @model_validator(mode="after")
-    def _fsdp_storage(self) -> Recipe:
+    def _sections_agree(self) -> Recipe:
         if self.train.distributed == "fsdp" and self.quantization.load_in_4bit \
                 and self.quantization.quant_storage == "uint8":
             raise ValueError("train.distributed: fsdp shards the 4-bit weights, which FSDP can only do when they are "
                              "stored in a float dtype: set quantization.quant_storage to the compute dtype "
                              "(bfloat16)")
+        t = self.train
+        if t.keep_best != "none":
+            if not (self.data.eval_path or self.data.eval_fraction):
+                raise ValueError(f"train.keep_best: {t.keep_best} picks a checkpoint by its eval loss, and the recipe "
+                                 "has no eval data: set data.eval_path or data.eval_fraction, or keep_best: none")
+            if (t.eval_steps or t.save_steps) % t.save_steps:
+                raise ValueError(f"train.keep_best: the eval at every train.eval_steps={t.eval_steps} must have a "
+                                 f"checkpoint to keep, and train.save_steps={t.save_steps} does not divide it: make "
+                                 "eval_steps a multiple of save_steps")
+            if t.distributed == "fsdp" and t.save_total_limit == 1:
+                raise ValueError("train.keep_best with train.distributed: fsdp: the trainer writes FSDP checkpoints "
+                                 "itself and, with save_total_limit 1, deletes all but the best at the end, the last "
+                                 "one a resume needs too; set save_total_limit to 2 or more")
         if self.train.distributed == "fsdp" and self.lora.trained_tokens:
             raise ValueError("lora.trained_tokens cannot be trained with train.distributed: fsdp (peft's trainable "
                              "tokens need FSDP's use_orig_params, which FSDP-QLoRA turns off); use ddp")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_keys_need_eval_data(self) -> Recipe:
+        if not (self.data.eval_fraction or self.data.eval_path):
+            for key in ("eval_steps", "eval_batch_size"):
+                if getattr(self.train, key) is not None:
+                    raise ValueError(f"train.{key} is set but there is no eval data, so the run would never "
+                                     "evaluate: set data.eval_fraction or data.eval_path, or drop it")
         return self
 
 
@@ -532,13 +611,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def with_generation_overrides(base: GenerationSection, overrides: dict[str, Any]) -> GenerationSection:
-    """`base` with the flags that were given (not None) applied, validated like a recipe."""
+    """`base` with the flags that were given (not None) applied, validated like a recipe; an error names the flag."""
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return GenerationSection.model_validate({**base.model_dump(), **given})
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise UserError(_describe({**error, "loc": ("generation", *error["loc"])})) from None
+        flag = "--" + str(error["loc"][0]).replace("_", "-")
+        raise UserError(_describe({**error, "loc": (flag, *error["loc"][1:])})) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

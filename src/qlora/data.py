@@ -384,10 +384,15 @@ def _read_local(path: Path, data: DataSection, what: str) -> list[Any]:
     if path.is_dir():
         import datasets
 
+        import pyarrow
+
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:
             raise UserError(f"{what}: {path} is a directory but not one saved by datasets.save_to_disk") from None
+        except (ValueError, KeyError, TypeError, OSError, pyarrow.ArrowException) as exc:  # a damaged JSON or Arrow file
+            raise UserError(f"{what}: {path} is a dataset directory that cannot be read ({one_line(exc)}); save it "
+                            "again with datasets.save_to_disk") from None
         if isinstance(loaded, datasets.DatasetDict):
             if data.split not in loaded:
                 raise UserError(f"data.split: {path} has no split {data.split!r} (it has {', '.join(loaded)})")
@@ -402,7 +407,15 @@ def _read_local(path: Path, data: DataSection, what: str) -> list[Any]:
         except (pyarrow.ArrowException, OSError) as exc:
             raise UserError(f"{what}: {path} is not a readable Parquet file ({one_line(exc)})") from None
     if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(read_text(path, what), newline="")))
+        reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""))
+        rows = []
+        for row in reader:
+            if None in row:  # where DictReader puts the fields past the header's
+                raise UserError(f"{what}: {path} line {reader.line_num} (row {len(rows)}) has "
+                                f"{len(reader.fieldnames) + len(row[None])} fields but the header has "
+                                f"{len(reader.fieldnames)}; quote a field that holds a comma")
+            rows.append(row)
+        return rows
     return _read_json(path, what)
 
 
@@ -529,11 +542,22 @@ class DataReport:
         return "; ".join(parts)
 
 
+def check_mapped_columns(rows: list[Any], data: DataSection, source: str) -> None:
+    """Each column data.fields names must be in some row: a misspelt optional one (alpaca's input) would otherwise
+    train every row without it."""
+    found = list(dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row))
+    for name, column in data.fields.items():
+        if column not in found:
+            raise UserError(f"data.fields.{name}: no row of {source} has a column {column!r}; its columns are "
+                            f"{', '.join(map(str, found)) or 'none'}")
+
+
 def find_invalid(rows: list[Any], data: DataSection, report: DataReport) -> list[int]:
     """Record invalid rows in the report; raise a UserError unless data.skip_invalid allows them.
 
     Returns the indices of the valid rows.
     """
+    check_mapped_columns(rows, data, report.source)
     valid = []
     for index, row in enumerate(rows):
         problem = row_problem(row, data)

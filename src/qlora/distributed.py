@@ -117,6 +117,39 @@ def largest(value: int, device) -> int:
     return int(tensor.item())
 
 
+def check_launch(nproc_per_node: int, nnodes: str, node_rank: int, master_addr: str, master_port: int,
+                 rdzv_endpoint: str | None) -> None:
+    """The launcher's flags, each refused in one line before a process starts (torchrun would fail inside).
+
+    At most one process per GPU, or per CPU core without one: what torchrun's own `--nproc-per-node auto` starts."""
+    import re
+
+    import torch
+
+    from qlora.errors import UserError
+
+    devices, kind = ((torch.cuda.device_count(), "GPUs") if torch.cuda.is_available()
+                     else (os.cpu_count() or 1, "CPU cores"))
+    if not 1 <= nproc_per_node <= devices:
+        raise UserError(f"--nproc-per-node {nproc_per_node}: give 1 to {devices}, the {kind} of this machine "
+                        "(one process each)")
+    sizes = re.fullmatch(r"(\d{1,6})(?::(\d{1,6}))?", nnodes)
+    low, high = (int(sizes[1]), int(sizes[2] or sizes[1])) if sizes else (0, 0)
+    if not 1 <= low <= high:
+        raise UserError(f"--nnodes {nnodes!r}: give the number of machines (2) or a range MIN:MAX (2:4)")
+    if rdzv_endpoint:
+        host, _, port = rdzv_endpoint.rpartition(":")
+        if not host.strip() or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UserError(f"--rdzv-endpoint {rdzv_endpoint!r}: give HOST:PORT, with a TCP port from 1 to 65535")
+        return
+    if not 1 <= master_port <= 65535:
+        raise UserError(f"--master-port {master_port}: give a TCP port from 1 to 65535")
+    if not master_addr.strip():
+        raise UserError("--master-addr is empty: give the host name or IP address of machine 0")
+    if not 0 <= node_rank < high:
+        raise UserError(f"--node-rank {node_rank}: give 0 to {high - 1}, this machine's number among --nnodes {nnodes}")
+
+
 def launch(worker_args: list[str], nproc_per_node: int, nnodes: str, node_rank: int, master_addr: str,
            master_port: int, rdzv_endpoint: str | None) -> int:
     """Run `python -m qlora <worker_args>` as a torchrun job from this process; return the exit code: the first

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -274,6 +275,17 @@ def check_parent(path: Path, what: str) -> None:
     if not existing.is_dir():
         raise UserError(f"{what}: {path} lies under {existing}, which is a file; choose another path")
     raise UserError(f"{what}: the directory {parent} does not exist; create it first")
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """Prove that the directory `path` can be made and written: create and remove a temporary directory in the
+    nearest part of it that exists (a read-only mount, /proc, a full disk fail here); nothing existing is touched."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlora-probe-", suffix=".tmp", dir=existing))
+    except OSError as exc:
+        raise UserError(f"{what}: cannot create {path}: {exc.strerror or exc} in {existing}; choose another "
+                        "directory") from None
 
 
 def refuse_working_directory(path: Path, what: str) -> None:

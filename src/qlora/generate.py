@@ -48,8 +48,8 @@ def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.model import (device_map, inference_dtype, inference_recipe, load_adapter, load_quantized_base,
-                             load_tokenizer)
+    from qlora.model import (inference_dtype, inference_recipe, load_adapter, load_quantized_base,
+                             load_tokenizer, spread_device_map)
 
     path = Path(path)
     if is_run(path):
@@ -60,7 +60,7 @@ def load_run(path: str | Path) -> LoadedModel:
         template = Template.load(adapter)
     else:
         recipe = None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=device_map())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=spread_device_map())
         tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
         template = Template.load(path)
     model.eval()
@@ -123,6 +123,36 @@ def check_streamable(sampling: GenerationSection) -> None:
     if sampling.num_beams > 1:
         raise UserError(f"num_beams={sampling.num_beams}: beam search picks its text only at the end, so it cannot "
                         "stream (--stream, --chat); drop --stream or set --num-beams 1")
+
+
+def check_beams(path: Path, num_beams: int | None, rows: int) -> None:
+    """Refuse, before the model loads, more beams (--num-beams, else the run's generation.num_beams) than the
+    vocabulary has tokens (the first step has no more distinct continuations) or than this device's memory holds
+    for `rows` prompts at once: each beam keeps at least three float32 rows of logits over the vocabulary (the
+    logits, their log-probabilities, the beam scores), before any activation or cache."""
+    from transformers import AutoConfig
+
+    from qlora.model import device_memory
+
+    flag = "--num-beams" if num_beams is not None else "generation.num_beams"
+    run = is_run(path)
+    if num_beams is None:
+        num_beams = load_recipe(path / RECIPE_FILE).generation.num_beams if run else 1
+    if num_beams == 1:
+        return
+    model = load_recipe(path / RECIPE_FILE).model if run else ModelSection(name_or_path=str(path))
+    try:
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    except OSError:  # loading the model says why, in one line
+        return
+    vocab = getattr(config, "text_config", config).vocab_size
+    available, device = device_memory()
+    fits = available // (rows * 3 * 4 * vocab)
+    if num_beams > min(vocab, fits):
+        raise UserError(f"{flag} {num_beams}: give at most {min(vocab, fits):,}: no more than the {vocab:,} tokens of "
+                        f"the vocabulary, and {rows} prompt(s) x beams x 3 float32 rows of logits must fit the "
+                        f"{available / 1024**3:.1f} GiB of {device}")
 
 
 def generate(loaded: LoadedModel, prompts: list[tuple[str, str]], sampling: GenerationSection,

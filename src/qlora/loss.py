@@ -116,7 +116,12 @@ class TrainedTokenCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_rows = torch.zeros_like(row_weight, dtype=torch.float32) if ctx.needs_input_grad[7] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):  # in the head weight's dtype, as autocast runs it
+        device = hidden.device.type
+        # the matmuls run in the dtype the model's own head would: autocast's (fp16 on a T4, where peft keeps the
+        # head's weight in float32), cast once as autocast does per call, else the weight's; the loss in float32
+        if torch.is_autocast_enabled(device) and weight.dtype != torch.get_autocast_dtype(device):
+            weight = weight.to(torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
             for start in range(0, n, chunk):
                 loss, grad, grad_row = chunk_loss(
                     hidden[start:start + chunk].to(weight.dtype), weight, bias, labels[start:start + chunk],

@@ -178,6 +178,18 @@ def device_description() -> str:
     return f"cpu ({'native' if cpu_has_native_bf16() else 'emulated'} bf16)"
 
 
+def device_memory() -> tuple[int, str]:
+    """Bytes of memory of the device this process computes on, and its name: the GPU's, else the machine's RAM."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, \
+            f"cuda:{torch.cuda.current_device()}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
 def resolve_recipe(recipe: Recipe) -> Recipe:
     """The recipe as this machine will run it: auto settings made concrete; local model and data paths and the
     output directory made absolute, so `qlora train RUN/recipe.yaml` resumes the run from any directory.
@@ -385,6 +397,14 @@ def device_map():
     return {"": distributed.local_rank()} if torch.cuda.is_available() else {"": "cpu"}
 
 
+def spread_device_map():
+    """Where a full-precision model goes for merge and generate: accelerate's "auto", filling the visible GPUs in
+    turn, then CPU memory, so a model larger than one GPU still loads; the CPU without CUDA."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else {"": "cpu"}
+
+
 def sharded(recipe: Recipe) -> bool:
     """Whether training shards the model with FSDP (train.distributed: fsdp, under several processes)."""
     return recipe.train.distributed == "fsdp" and distributed.world_size() > 1
@@ -429,7 +449,7 @@ def load_full_precision_base(recipe: Recipe, dtype):
     try:
         return AutoModelForCausalLM.from_pretrained(
             recipe.model.name_or_path, revision=recipe.model.revision, dtype=dtype,
-            trust_remote_code=recipe.model.trust_remote_code, device_map=device_map(),
+            trust_remote_code=recipe.model.trust_remote_code, device_map=spread_device_map(),
         )
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r} "

@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # event files with train.report_to: [tensorboard]
 EVAL_SUMMARY = Path("eval") / "summary.json"  # where `qlora eval RUN --out RUN/eval` puts pass@k
 ENVIRONMENT_FILE = "environment.json"
+BEST_FILE = "best.json"  # train.keep_best: the checkpoint published as adapter/, its step and score
 LOCK_FILE = ".lock"  # flock()ed by the `train` using the run; holds its PID
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft saves
 RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resumed run may change
@@ -41,7 +42,8 @@ CHECKPOINT_FILES = (*ADAPTER_FILES[:2], OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHED
 FSDP_CHECKPOINT_FILES = (*ADAPTER_FILES[:2], "scheduler.pt", TRAINER_STATE_JSON)
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR and the step
 # everything `train` writes at the top of a run; a start over removes these and nothing else
-TRAIN_FILES = (RECIPE_FILE, ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, ENVIRONMENT_FILE, MARKER)
+TRAIN_FILES = (RECIPE_FILE, ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, ENVIRONMENT_FILE, BEST_FILE,
+               MARKER)
 # what an interrupted write of `train` leaves: files.tmp_sibling's and files.publish_dir's temporaries
 LEFTOVER = re.compile(r"\.(.+)\.(tmp|old)")
 
@@ -65,6 +67,16 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     found = [p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and any(
         all((p / name).is_file() for name in files) for files in (CHECKPOINT_FILES, FSDP_CHECKPOINT_FILES))]
     return sorted(found, key=checkpoint_step)
+
+
+def best_checkpoint(final: Path) -> dict[str, Any]:
+    """The best checkpoint as the trainer's state at `final` records it (train.keep_best): its directory, step and
+    score; `final` itself, with score None, when no eval ran."""
+    state = json.loads((final / TRAINER_STATE_JSON).read_text(encoding="utf-8"))
+    step = state.get("best_global_step")
+    if not step:
+        return {"checkpoint": final, "step": checkpoint_step(final), "score": None}
+    return {"checkpoint": final.parent / f"checkpoint-{step}", "step": step, "score": state["best_metric"]}
 
 
 def data_fingerprint(rows: list[Any], eval_rows: list[Any] | None) -> str:

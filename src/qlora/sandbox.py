@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OUTPUT_LIMIT = 64 * 1024  # bytes of stdout / stderr kept per sample
+MOST_SECONDS = 24 * 3600  # the longest a sample may run: a day (beyond ~1e9 s Python's timeouts overflow)
 
 
 @dataclass(frozen=True)

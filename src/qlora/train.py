@@ -13,16 +13,16 @@ from pathlib import Path
 from rich.console import Console
 
 from qlora import distributed
-from qlora.check import Preflight, preflight
+from qlora.check import Preflight, memory_problem, preflight, worst_micro_batch
 from qlora.collate import PackedCollator
 from qlora.config import Recipe, dump_recipe
 from qlora.data import build_datasets
 from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
-from qlora.files import publish_dir, tmp_sibling, write_atomic
+from qlora.files import publish_dir, tmp_sibling, write_atomic, write_json
 from qlora.model import add_lora, device_description, load_quantized_base, save_tokenizer, sharded
-from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE, RECIPE_FILE,
-                          TENSORBOARD_DIR, RunPlan, apply_plan, checkpoint_step, complete_checkpoints, mark_complete,
-                          plan_run, record_environment, run_lock)
+from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
+                          RECIPE_FILE, TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
+                          complete_checkpoints, mark_complete, plan_run, record_environment, run_lock)
 
 # no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
 console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
@@ -258,6 +258,11 @@ def sft_arguments(recipe: Recipe, run: Path) -> dict:
         eval_strategy="steps" if recipe.data.eval_fraction or recipe.data.eval_path else "no",
         eval_steps=t.eval_steps or t.save_steps,
         save_total_limit=t.save_total_limit,
+        # train.keep_best: the trainer tracks the best eval in its state; qlora keeps and publishes that checkpoint
+        # (checkpoint.QLoRATrainer, write_adapter), so the trainer loads nothing at the end
+        metric_for_best_model="eval_loss" if t.keep_best == "eval_loss" else None,
+        greater_is_better=False if t.keep_best == "eval_loss" else None,
+        load_best_model_at_end=False,
         report_to=list(t.report_to) or "none",
         bf16=compute == "bfloat16",
         fp16=compute == "float16",
@@ -284,6 +289,18 @@ def sft_config(recipe: Recipe, run: Path):
     return SFTConfig(**sft_arguments(recipe, run), **recipe.train.extra)
 
 
+# SFTConfig fields that would break how a run saves or resumes: adapter/ is published from the checkpoint the trainer
+# writes at the last step, and a resume continues from the newest checkpoint exactly where the run stopped
+BREAKS_SAVING = {
+    "save_strategy": "qlora writes a checkpoint every train.save_steps steps and at the last step, which adapter/ is "
+                     "published from and a resume continues from; set train.save_steps",
+    "save_only_model": "a checkpoint without the optimizer, scheduler and RNG states cannot be resumed exactly",
+    "ignore_data_skip": "a resumed run would train again on the batches it already trained on",
+    "resume_from_checkpoint": "qlora resumes from the newest complete checkpoint in train.output_dir by itself",
+    "save_on_each_node": "the run directory, which every machine must see, is written by one process only",
+}
+
+
 def check_extra(recipe: Recipe) -> None:
     """train.extra may name only SFTConfig fields that no recipe key sets, each with a value of the field's type
     that SFTConfig's own checks accept."""
@@ -298,9 +315,13 @@ def check_extra(recipe: Recipe) -> None:
     types = typing.get_type_hints(SFTConfig)
     owned = set(sft_arguments(recipe, Path("run"))) | {"fsdp", "fsdp_config"}
     for key, value in recipe.train.extra.items():
+        if key in BREAKS_SAVING:
+            raise UserError(f"train.extra.{key}: remove it: {BREAKS_SAVING[key]}")
         if key in owned:
-            raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use the recipe's own key "
-                            "(README, Recipe reference)")
+            instead = ("train.keep_best" if key in ("metric_for_best_model", "greater_is_better",
+                                                    "load_best_model_at_end") else "the recipe's own key")
+            raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use {instead} (README, Recipe "
+                            "reference)")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean {close[0]}?" if close else "see transformers' TrainingArguments and TRL's SFTConfig"
@@ -378,6 +399,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
                       "train.epochs to train on, or pass --overwrite to start over)")
         return run
     dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.eval_rows, pre.tokenizer, pre.template)
+    if problem := memory_problem(recipe, worst_micro_batch(recipe, pre.shape, report, distributed.world_size())):
+        raise UserError(problem)
     console.print(f"data: {report.summary()}")
 
     with write_failures(run), run_lock(run) if distributed.is_main() else nullcontext():
@@ -439,8 +462,7 @@ def prepare_run(recipe: Recipe, run: Path, overwrite: bool, pre: Preflight) -> R
                         "run the command again")
     if plan.action == "finish":
         console.print(f"{plan.checkpoint} is the end of the run but adapter/ was not written: writing it")
-        write_adapter(run, plan.checkpoint, pre)
-        mark_complete(run, recipe, plan.step)
+        finish_run(run, pre, plan.checkpoint)
         return plan
     apply_plan(run, plan, pre.fingerprint)
     console.print(f"resuming from {plan.checkpoint} (step {plan.step})" if plan.action == "resume"
@@ -457,9 +479,18 @@ def readable_checkpoint(checkpoint: Path) -> None:
                         "machines needs its output_dir on a filesystem every machine sees")
 
 
-def finish_run(run: Path, pre: Preflight) -> None:
-    """Rank 0: publish adapter/ from the last checkpoint (the trainer saves one at the last step) and mark the run
-    complete."""
-    final = complete_checkpoints(run / CHECKPOINT_DIR)[-1]
-    write_adapter(run, final, pre)
+def finish_run(run: Path, pre: Preflight, final: Path | None = None) -> None:
+    """Rank 0: publish adapter/ from the last checkpoint (the trainer saves one at the last step), or with
+    train.keep_best from the best one (recorded in best.json), and mark the run complete."""
+    final = final or complete_checkpoints(run / CHECKPOINT_DIR)[-1]
+    chosen = final
+    if pre.recipe.train.keep_best != "none":
+        best = best_checkpoint(final)
+        chosen = best["checkpoint"]
+        write_json(run / BEST_FILE, {"metric": pre.recipe.train.keep_best, "step": best["step"],
+                                     "score": best["score"], "last_step": checkpoint_step(final)})
+        console.print(f"best {pre.recipe.train.keep_best}: " + (
+            f"{best['score']:.4f} at step {best['step']}, published as adapter/" if best["score"] is not None
+            else "no eval ran, so adapter/ is the last checkpoint"))
+    write_adapter(run, chosen, pre)
     mark_complete(run, pre.recipe, checkpoint_step(final))
