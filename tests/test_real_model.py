@@ -8,14 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import snapshot
 from qlora.config import apply_overrides, read_recipe_file, validate_recipe
 from qlora.errors import RunFailed
 from qlora.fetch import MODELS, cache_root, fetch, pip_download
@@ -25,9 +23,8 @@ from test_reliability import metrics
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "smollm2-code.yaml"
 HELDOUT = ROOT / "src" / "qlora" / "sample_data" / "heldout_tasks.json"
-# prompts of the training data, whose answers the tuned model gives with a clear margin at every token: llama.cpp
-# (float32) and qlora (the recipe's compute dtype) then pick the same greedy tokens
-PROMPTS = ["Write a function that reverses a string.", "Count the vowels in a string."]
+# one task of the training data, one held out
+PROMPTS = ["Write a function that reverses a string.", "Return the initials of a full name, each followed by a dot."]
 
 
 def skip_without_index(exc: RunFailed):
@@ -102,84 +99,49 @@ def test_fetched_model_is_a_plain_model_dir_recording_its_source(smollm2):
     assert "<|im_start|>assistant" in (smollm2 / "chat_template.jinja").read_text()
 
 
-def test_loss_falls_and_heldout_loss_beats_the_base(tuned):
+def test_loss_falls_and_heldout_loss_beats_the_base(tuned, tmp_path):
     from qlora.evaluate import heldout_loss
     from qlora.generate import load_run
 
     losses = [m["loss"] for m in metrics(tuned) if "loss" in m]
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    result = heldout_loss(load_run(tuned), HELDOUT)
-    assert result["examples"] == len(json.loads(HELDOUT.read_text()))
+    heldout = tmp_path / "heldout.json"  # 10 of the 25 held-out tasks: a 4-bit forward costs seconds on CPU
+    heldout.write_text(json.dumps(json.loads(HELDOUT.read_text())[:10]))
+    result = heldout_loss(load_run(tuned), heldout)
+    assert result["examples"] == 10
     assert result["run"]["loss"] < result["base"]["loss"] - 0.1
 
 
-def test_merge_verify_passes(tuned, tmp_path):
-    from qlora.merge import merge, verify
+@pytest.fixture(scope="session")
+def merged(tuned, tmp_path_factory):
+    """`qlora merge` of the tuned run, defaults (the dequantized base, the trained compute dtype), as export merges."""
+    from qlora.merge import merge
 
-    merged = merge(tuned, tmp_path / "merged")
+    return merge(tuned, tmp_path_factory.mktemp("merged") / "merged")
+
+
+def test_merge_verify_passes(tuned, merged):
+    from qlora.merge import verify
+
     report = verify(tuned, merged, "dequantized")
     assert report.passed, report.summary()
 
 
-def test_exported_gguf_in_llama_cpp_answers_as_qlora_generate(tuned, tmp_path, llama_simple):
+def test_exported_gguf_in_llama_cpp_answers_as_qlora_generate(tuned, merged, tmp_path, llama_simple):
+    """llama.cpp computes in float32, as `qlora generate` does on a merged model on CPU: an f32 GGUF holds the merged
+    weights exactly, so both decode the same numbers and greedy answers agree token for token."""
+    from qlora.config import load_recipe
     from qlora.export import export
     from qlora.generate import generate, load_run
 
     gguf, _ = export(tuned, tmp_path / "gguf", outtype="f32")
-    loaded = load_run(tuned)
-    sampling = loaded.recipe.generation.model_copy(update={"max_new_tokens": 64})
+    loaded = load_run(merged)
+    sampling = load_recipe(tuned / "recipe.yaml").generation.model_copy(update={"max_new_tokens": 128})
     ours = generate(loaded, [(p, "") for p in PROMPTS], sampling)
     for prompt, answer in zip(PROMPTS, ours):
         rendered = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                         add_generation_prompt=True)
-        out = subprocess.run([llama_simple, "-m", gguf, "-n", "64", rendered], capture_output=True, text=True,
+        out = subprocess.run([llama_simple, "-m", gguf, "-n", "128", rendered], capture_output=True, text=True,
                              check=True).stdout
         assert out.startswith(rendered)  # llama.cpp read the prompt as these tokens: no BOS of its own
-        assert out[len(rendered):].rstrip("\n") == answer  # it stops at <|im_end|> as generate does
-
-
-def qlora(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "qlora", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-
-
-def unsupported_gguf(path: Path) -> Path:
-    """A well-formed GGUF of an architecture transformers does not load (RWKV-6), with a tokenizer."""
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(path, "rwkv6")
-    writer.add_tokenizer_model("gpt2")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def test_bad_inputs_of_fetch_and_import_gguf_are_one_line_exit_2_nothing_written(tmp_path, smollm2):
-    (tmp_path / "not.gguf").write_text("hello\n")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "notes.txt").write_text("mine\n")
-    with (smollm2 / "model.safetensors").open("rb") as f:  # not GGUF
-        (tmp_path / "weights.gguf").write_bytes(f.read(4096))
-    (tmp_path / "cut.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8)
-    unsupported_gguf(tmp_path / "rwkv.gguf")
-    cases = [
-        (["import-gguf", "missing.gguf", "out"], "FILE: missing.gguf does not exist"),
-        (["import-gguf", "not.gguf", "out"], "not a GGUF file"),
-        (["import-gguf", "weights.gguf", "out"], "not a GGUF file"),
-        (["import-gguf", "cut.gguf", "out"], "not a readable GGUF file"),
-        (["import-gguf", "rwkv.gguf", "out"], "holds a 'rwkv6' model"),
-        (["import-gguf", "rwkv.gguf", "full"], "OUT: full exists and is not empty: pass --overwrite"),
-        (["import-gguf", "rwkv.gguf", "not.gguf"], "OUT: not.gguf is a file"),
-        (["fetch", "smollm3", "out"], "NAME: 'smollm3' is not a model qlora fetches; choose smollm2-135m"),
-        (["fetch", "smollm2-135m", "full"], "DIR: full exists and is not empty: pass --overwrite"),
-        (["fetch", "smollm2-135m", "full", "--overwrite"], "not a directory `qlora fetch` wrote"),
-    ]
-    before = snapshot(tmp_path)
-    for args, message in cases:
-        result = qlora(*args, cwd=tmp_path)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
-        assert snapshot(tmp_path) == before, args
+        assert out[len(rendered):].rstrip("\n") == answer  # and stopped at <|im_end|> as generate does
