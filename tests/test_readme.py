@@ -1,5 +1,6 @@
 """Every `qlora` command the README and docs/ show works as written: each one parses with qlora's own command
-line, and each one on the demo run runs, on a demo run made as `make demo` makes it (only its length shortened)."""
+line, and each one on the demo run runs, on the demo's run as the real-model tests train it (the shipped recipe on
+the fetched SmolLM2-135M, only shorter)."""
 
 import shlex
 import subprocess
@@ -13,7 +14,7 @@ from qlora.cli import app, name_value_types
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DEMO_RUN = "runs/tiny-code"
+DEMO_RUN = "runs/smollm2-code"
 
 
 def shown_commands(page: Path) -> list[list[str]]:
@@ -58,17 +59,12 @@ def test_each_shown_command_parses(argv):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A directory where `runs/tiny-code` is the demo's run, made by `make demo`'s own commands, shortened."""
+def demo(tuned, tmp_path_factory):
+    """A directory where `runs/smollm2-code` is the demo's run: configs/smollm2-code.yaml trained on the real model
+    (conftest's `tuned`, shared with tests/test_real_model.py)."""
     here = tmp_path_factory.mktemp("demo")
-    (here / "configs").mkdir()
-    (here / "configs" / "tiny-code.yaml").write_text((ROOT / "configs" / "tiny-code.yaml").read_text())
-    (here / "src").symlink_to(ROOT / "src")
-    for argv in (["tiny", "gemma", "models/tiny-gemma"],
-                 ["train", "configs/tiny-code.yaml", "--set", "train.max_steps=12", "--set", "train.save_steps=6",
-                  "--set", "train.logging_steps=3"]):
-        done = qlora(argv, here)
-        assert done.returncode == 0, done.stderr[-3000:]
+    (here / DEMO_RUN).parent.mkdir(parents=True)
+    (here / DEMO_RUN).symlink_to(tuned)
     return here
 
 

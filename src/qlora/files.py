@@ -315,3 +315,16 @@ def check_replaceable(path: Path, command: str, what: str, keep: list[Path] = ()
         kind = "a file" if not path.is_dir() else "not a directory `qlora " + command + "` wrote"
         raise UserError(f"{what}: {path} exists and is {kind}, so --overwrite will not delete it; "
                         "choose another path or remove it yourself")
+
+
+def check_output_dir(output: Path, overwrite: bool, command: str, what: str) -> None:
+    """Refuse an output directory that is a file or holds files, unless --overwrite may replace it (an earlier
+    `qlora COMMAND` wrote it)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{what}: {output} is a file; name a directory")
+    refuse_working_directory(output, what)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise UserError(f"{what}: {output} exists and is not empty: pass --overwrite to replace a model an earlier "
+                            f"`qlora {command}` wrote, or choose another directory")
+        check_replaceable(output, command, what)

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from qlora.errors import RunFailed, UserError
+from qlora.fetch import cache_root, last_line, pip_download
 from qlora.progress import run_tool
 
 console = Console(stderr=True)
@@ -36,11 +37,10 @@ KEEP = (CONVERTER, "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE",
 
 
 def default_cache() -> Path:
-    """Where the converter is unpacked: $XDG_CACHE_HOME (or ~/.cache)/qlora/llama.cpp-<llama-cpp-python version>-<KEEP
+    """Where the converter is unpacked: qlora's cache (fetch.cache_root)/llama.cpp-<llama-cpp-python version>-<KEEP
     digest>, so a tree unpacked with other KEEP files is never taken for one holding these."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     keep = hashlib.sha256("\n".join(KEEP).encode()).hexdigest()[:8]
-    return root / "qlora" / f"llama.cpp-{LLAMA_CPP_PYTHON}-{keep}"
+    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON}-{keep}"
 
 
 def _unpack(sdist: Path, target: Path) -> None:
@@ -76,32 +76,16 @@ def llama_cpp_dir(cache: str | Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         console.print(f"Downloading llama-cpp-python {LLAMA_CPP_PYTHON} source from PyPI (~77 MB, no build) "
                       f"for llama.cpp's converter; unpacking into {target}")
-        pip = run_tool(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--progress-bar", "off",
-             "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], console, "downloading")
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if pip.returncode or not sdists:
-            raise RunFailed(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON} with pip: "
-                            f"{_pip_errors(pip.stderr + pip.stdout)}; set LLAMA_CPP_DIR to a llama.cpp checkout")
+        sdist = pip_download(f"llama-cpp-python=={LLAMA_CPP_PYTHON}", Path(tmp), sdist=True,
+                             hint="set LLAMA_CPP_DIR to a llama.cpp checkout")
         unpacked = Path(tmp) / "llama.cpp"
-        _unpack(sdists[0], unpacked)
+        _unpack(sdist, unpacked)
         try:
             unpacked.rename(target)
         except OSError:  # another process unpacked it first: theirs is as good as ours
             if not (target / CONVERTER).is_file():
                 raise
     return target
-
-
-def _pip_errors(output: str) -> str:
-    """pip's ERROR lines on one line ("... (from versions: none)" means no registry answered)."""
-    return "; ".join(line.strip() for line in output.splitlines() if line.startswith("ERROR:")) or _last_line(output)
-
-
-def _last_line(output: str) -> str:
-    """The last non-empty line of a tool's output (its error), or a placeholder when it printed nothing."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16", llama_cpp: Path | None = None) -> Path:
@@ -122,7 +106,7 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16", ll
         console, "converting")
     if result.returncode:
         tmp.unlink(missing_ok=True)
-        raise RunFailed(f"llama.cpp's {CONVERTER} could not convert {model_dir}: {_last_line(result.stderr)}")
+        raise RunFailed(f"llama.cpp's {CONVERTER} could not convert {model_dir}: {last_line(result.stderr)}")
     tmp.rename(outfile)
     return outfile
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qlora.data import TEMPLATES
 from qlora.errors import UserError
-from qlora.files import check_replaceable, publishing, refuse_working_directory, write_marker
+from qlora.files import check_output_dir, publishing, write_marker
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "python_tasks.json"
 SP_VOCAB_SIZE = 1024  # SentencePiece twins: specials + 256 byte pieces + learned pieces
@@ -265,14 +265,7 @@ def build_tiny_model(arch: str, output: str | Path, *, overwrite: bool = False, 
     if arch not in TWINS:
         raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"OUTPUT: {output} is a file; name a directory")
-    refuse_working_directory(output, "OUTPUT")
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise UserError(f"OUTPUT: {output} exists and is not empty: pass --overwrite to replace a model an "
-                            "earlier `qlora tiny` wrote, or choose another directory")
-        check_replaceable(output, "tiny", "OUTPUT")
+    check_output_dir(output, overwrite, "tiny", "OUTPUT")
     with publishing(output.resolve(), "tiny", "OUTPUT") as tmp:
         tokenizer = write_tokenizer(arch, tmp)
         torch.manual_seed(seed)
