@@ -243,8 +243,8 @@ def publishing(output: Path, command: str, what: str):
     with output_lock(output, command, what):
         tmp = tmp_sibling(output)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        try:  # a signal right after mkdir must not leave the directory behind
+            tmp.mkdir()
             yield tmp
             publish_dir(tmp, output)
         except BaseException:
