@@ -39,3 +39,19 @@ def test_a_silent_tool_is_reported_while_it_works_and_its_output_kept(monkeypatc
     lines = out.getvalue().splitlines()
     assert lines and all(line.startswith("converting: ") for line in lines), lines
     assert any(line.endswith(" elapsed · INFO: writing blk.0") for line in lines), lines  # what the tool said last
+
+
+def test_a_long_library_call_off_a_terminal_says_it_still_works(monkeypatch):
+    import time
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.2)
+    out = io.StringIO()
+    with progress.heartbeat(Console(file=out, force_terminal=False, width=300), "loading the base"):
+        time.sleep(0.7)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("loading the base: ") and line.endswith(" s elapsed")
+                                   for line in lines), lines
+    quiet = io.StringIO()
+    with progress.heartbeat(Console(file=quiet, force_terminal=True), "loading the base"):
+        time.sleep(0.3)
+    assert quiet.getvalue() == ""  # in a terminal the libraries' own bars show

@@ -52,19 +52,21 @@ def load_run(path: str | Path) -> LoadedModel:
 
     from qlora.model import (inference_dtype, inference_recipe, load_adapter, load_quantized_base,
                              load_tokenizer, spread_device_map)
+    from qlora.progress import heartbeat
 
     path = Path(path)
-    if is_run(path):
-        recipe = inference_recipe(load_recipe(path / RECIPE_FILE))
-        adapter = path / ADAPTER_DIR
-        tokenizer = load_tokenizer(recipe.model, str(adapter))
-        model = load_adapter(load_quantized_base(recipe), adapter, tokenizer)
-        template = Template.load(adapter)
-    else:
-        recipe = None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=spread_device_map())
-        tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
-        template = Template.load(path)
+    with heartbeat(console, f"loading {path}"):
+        if is_run(path):
+            recipe = inference_recipe(load_recipe(path / RECIPE_FILE))
+            adapter = path / ADAPTER_DIR
+            tokenizer = load_tokenizer(recipe.model, str(adapter))
+            model = load_adapter(load_quantized_base(recipe), adapter, tokenizer)
+            template = Template.load(adapter)
+        else:
+            recipe = None
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(), device_map=spread_device_map())
+            tokenizer = load_tokenizer(ModelSection(name_or_path=str(path)))
+            template = Template.load(path)
     model.eval()
     tokenizer.padding_side = "left"
     return LoadedModel(model, tokenizer, template, recipe)

@@ -19,6 +19,7 @@ from qlora.config import dump_recipe, load_recipe
 from qlora.data import Template, adds_bos, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import UserError
 from qlora.files import check_replaceable, publishing, refuse_working_directory, write_marker
+from qlora.progress import heartbeat
 from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, check_run_adapter, read_eval_summary
 
 console = Console(stderr=True)
@@ -111,9 +112,11 @@ def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str, tokenizer):
     from qlora.model import load_adapter, torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
-    model = unmerged_base(recipe, base, torch_dtype(dtype))
+    with heartbeat(console, "loading the base"):
+        model = unmerged_base(recipe, base, torch_dtype(dtype))
     console.print("folding in the adapter")
-    merged = load_adapter(model, run / ADAPTER_DIR, tokenizer).merge_and_unload()
+    with heartbeat(console, "folding in the adapter"):
+        merged = load_adapter(model, run / ADAPTER_DIR, tokenizer).merge_and_unload()
     merged = merged.to(torch_dtype(dtype))
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(merged.config, key):
@@ -156,7 +159,8 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
         )
         model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         console.print(f"writing {dtype} safetensors shards to {output}")
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        with heartbeat(console, "writing shards"):
+            model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         save_tokenizer(tokenizer, recipe.model, tmp)
         template.save(tmp)
         (tmp / "README.md").write_text(model_card(recipe, base, dtype, evaluation), encoding="utf-8")
@@ -259,25 +263,28 @@ def verify(run: str | Path, merged_dir: str | Path, base: BaseMode = "dequantize
 
     reference = load_run(run)
     sequences, start = [], []
-    for prompt in prompts:
-        ids = encode_prompt(reference.tokenizer, reference.template, prompt)
-        with torch.no_grad():
-            sequences.append(reference.model.generate(
-                input_ids=torch.tensor([ids], device=next(reference.model.parameters()).device),
-                max_new_tokens=new_tokens, do_sample=False, pad_token_id=reference.tokenizer.pad_token_id).cpu())
-        start.append(len(ids) - 1)  # the logits that predict the continuation
-    trained = _logits(reference.model, sequences, start)
+    with heartbeat(console, "verifying: the run's continuations"):
+        for prompt in prompts:
+            ids = encode_prompt(reference.tokenizer, reference.template, prompt)
+            with torch.no_grad():
+                sequences.append(reference.model.generate(
+                    input_ids=torch.tensor([ids], device=next(reference.model.parameters()).device),
+                    max_new_tokens=new_tokens, do_sample=False, pad_token_id=reference.tokenizer.pad_token_id).cpu())
+            start.append(len(ids) - 1)  # the logits that predict the continuation
+        trained = _logits(reference.model, sequences, start)
     recipe, tokenizer = reference.recipe, reference.tokenizer
     del reference
     _free()
 
     merged_model = load_run(merged_dir).model
-    merged, dtype = _logits(merged_model, sequences, start), merged_model.dtype
+    with heartbeat(console, "verifying: the merged model"):
+        merged, dtype = _logits(merged_model, sequences, start), merged_model.dtype
     del merged_model
     _free()
 
-    unmerged = load_adapter(unmerged_base(recipe, base, dtype), Path(run) / ADAPTER_DIR, tokenizer)
-    counterpart = _logits(unmerged, sequences, start)
+    with heartbeat(console, "verifying: the unmerged counterpart"):
+        unmerged = load_adapter(unmerged_base(recipe, base, dtype), Path(run) / ADAPTER_DIR, tokenizer)
+        counterpart = _logits(unmerged, sequences, start)
     del unmerged
     _free()
     return VerifyReport(*_compare(trained, merged), merge_agreement=_compare(counterpart, merged)[2],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -89,3 +90,25 @@ def run_tool(argv: list[str], console, what: str) -> subprocess.CompletedProcess
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read())
+
+
+@contextmanager
+def heartbeat(console, what: str) -> Iterator[None]:
+    """Off a terminal, `what: N s elapsed` every LOG_EVERY seconds while a library call without progress of its own
+    runs (loading or saving a model: its tqdm bars show in a terminal only)."""
+    if console.is_terminal:
+        yield
+        return
+    stop, started = threading.Event(), time.monotonic()
+
+    def beat():
+        while not stop.wait(LOG_EVERY):
+            console.print(f"{what}: {duration(time.monotonic() - started)} elapsed", highlight=False)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
