@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The demo: a real pretrained model (SmolLM2-135M-Instruct, 93 MB from PyPI) QLoRA-trained on our Python tasks on CPU,
 # then one answer and what it learned: held-out loss and pass@1 of the tuned model against its base, and the time of
-# each step (README: 3.4 min on an idle 2-core Xeon, 40 min on a loaded 2-core EPYC). Run again, it resumes: fetch
+# each step (docs/real-model.md: 240 s on an idle 2-core EPYC, 40 min on a loaded one). Run again, it resumes: fetch
 # and train find their work done, eval resumes in RUN/eval (`qlora report` and the model card read it there); a run
 # retrained with other weights is not evaluated over that eval: eval refuses in one line.
 DEMO_RUN := runs/smollm2-code
