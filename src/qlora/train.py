@@ -114,7 +114,9 @@ def make_metrics_callback(path: Path):
     class MetricsCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
-            self.between, self.step_ended = 0.0, None  # seconds spent between steps since the last record
+            # seconds spent between steps since the last record; what runs before the first step (the base's
+            # eval_problems eval) counts as between too
+            self.between, self.step_ended = 0.0, self.last_time
 
         def pause(self) -> None:
             if self.step_ended is not None:
@@ -142,7 +144,6 @@ def make_metrics_callback(path: Path):
                           "eval_seconds": logs["eval_seconds"]}
                 with path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-                self.last_time += logs["eval_seconds"]  # the eval's time is not training's: tokens/s leaves it out
             if not logs or "loss" not in logs:
                 return
             self.pause()
@@ -223,6 +224,7 @@ def make_console_callback():
                 console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
             if "eval_pass@1" in logs:
                 self.solved = {**logs, "step": state.global_step}
+                self.started += logs["eval_seconds"]  # tok/s is training's: the eval's time is left out
                 console.print(self.eval_line(state, logs), highlight=False)
             if "loss" in logs:
                 self.last = logs
