@@ -1,7 +1,5 @@
 """The sandbox that runs generated code: each outcome a user can meet, and both layers of isolation."""
 
-import ctypes
-import os
 import subprocess
 import sys
 

@@ -285,7 +285,7 @@ def eval_problems_estimate(recipe: Recipe, pre: Preflight, report: DataReport, p
     weight per token the eval reads or writes (each prompt, then eval_max_new_tokens, the most an answer can take);
     4 per weight per trained token (forward, and backward to the inputs only, as the 4-bit base gets no weight
     gradient), 6 with gradient checkpointing (the forward again)."""
-    t, shape = recipe.train, pre.shape
+    t = recipe.train
     style, _, _ = training_eval_settings(recipe)
     prompts = sum(len(prompt_ids(pre.tokenizer, pre.template, p, style)) for p in pre.problems)
     every = t.eval_problems_every or t.eval_steps or t.save_steps

@@ -19,8 +19,8 @@ from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import RunInterrupted, UserError
 from qlora.files import check_parent, complete_lines, jsonl_lines, read_jsonl
-from qlora.rundir import check_run_adapter
-from qlora.train import ADAPTER_DIR, RECIPE_FILE, console
+from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, check_run_adapter
+from qlora.train import console
 
 
 @dataclass

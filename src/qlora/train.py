@@ -22,7 +22,7 @@ from qlora.evaluate import EVAL_SHARE, make_problems_callback
 from qlora.files import publish_dir, tmp_sibling, write_json
 from qlora.model import add_lora, device_description, fsdp_arguments, load_quantized_base, save_tokenizer, sharded
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
-                          RECIPE_FILE, TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
+                          TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
                           complete_checkpoints, early_stopped, evals_since_best, mark_complete, plan_run,
                           record_environment, record_recipe, run_lock)
 
