@@ -142,7 +142,7 @@ def recipe_for(model_dir: Path, args, **train):
     GPU: paged 8-bit AdamW and --compute-dtype (bf16 by default; auto would pick float32 on a CPU without
     AVX512-BF16, where emulated bf16 is slow)."""
     from qlora.config import validate_recipe
-    from qlora.model import resolve_recipe
+    from qlora.plan import resolve_recipe
 
     return resolve_recipe(validate_recipe({
         "model": {"name_or_path": str(model_dir)},
@@ -177,8 +177,8 @@ def load_variant(model_dir: Path, variant: str, args):
 
     from qlora.collate import PackedCollator
     from qlora.loss import add_trained_token_loss
-    from qlora.model import (add_lora, device_map, get_lora_config, get_quantization_config, load_quantized_base,
-                             torch_dtype)
+    from qlora.model import add_lora, load_quantized_base
+    from qlora.plan import device_map, get_lora_config, get_quantization_config, torch_dtype
     from qlora.tiny import build_tokenizer
 
     recipe = recipe_for(model_dir, args)
@@ -425,7 +425,7 @@ def matmul_peak_flops(compute_dtype: str) -> tuple[float, str]:
     units reach their throughput only after several products (measured: 0.5 then 1.5-3.2 TFLOPs)."""
     import torch
 
-    from qlora.model import torch_dtype
+    from qlora.plan import torch_dtype
 
     dtype = torch_dtype(compute_dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -69,7 +69,7 @@ def parse_args():
 
 def recipe_for(model_dir: Path, args):
     from qlora.config import validate_recipe
-    from qlora.model import resolve_recipe
+    from qlora.plan import resolve_recipe
 
     return resolve_recipe(validate_recipe({
         "model": {"name_or_path": str(model_dir)},
@@ -104,7 +104,8 @@ def load_variant(model_dir: Path, variant: str, args):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     from trl.trainer.utils import add_fused_lm_head
 
-    from qlora.model import add_lora, load_quantized_base, torch_dtype
+    from qlora.model import add_lora, load_quantized_base
+    from qlora.plan import torch_dtype
     from qlora.tiny import build_tokenizer
 
     recipe = recipe_for(model_dir, args)

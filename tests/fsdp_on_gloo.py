@@ -20,11 +20,11 @@ from unittest import mock
 import accelerate.accelerator
 from accelerate.state import AcceleratorState, DistributedType, PartialState
 
-import qlora.model
+import qlora.plan
 from qlora.cli import app
 
 accelerator_state = AcceleratorState.__init__
-check_fsdp = qlora.model.check_fsdp
+check_fsdp = qlora.plan.check_fsdp
 prepare = accelerate.accelerator.fsdp2_prepare_model
 
 
@@ -60,6 +60,6 @@ def prepare_and_record(accelerator, model):
 
 
 AcceleratorState.__init__ = fsdp_on_cpu
-qlora.model.check_fsdp = check_fsdp_as_on_gpus
+qlora.plan.check_fsdp = check_fsdp_as_on_gpus
 accelerate.accelerator.fsdp2_prepare_model = prepare_and_record
 app(["train", *sys.argv[1:]])

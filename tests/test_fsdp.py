@@ -20,7 +20,7 @@ from qlora.check import GB, estimate_memory, memory_problem, model_shape
 from qlora.checkpoint import QLoRATrainer
 from qlora.config import dump_recipe, validate_recipe
 from qlora.model import add_lora, load_quantized_base, load_tokenizer
-from qlora.train import sft_arguments
+from qlora.plan import sft_arguments
 from test_distributed import ROWS, free_port, qlora_train
 
 FSDP_ENV = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
@@ -49,7 +49,7 @@ def loads(monkeypatch, fsdp_env):
 
 def float16_recipe(tmp_path, tiny_model, monkeypatch, distributed):
     """float16 compute and storage (a T4's FSDP-QLoRA), on a machine that accepts it."""
-    monkeypatch.setattr("qlora.model.resolve_compute_dtype", lambda name: name)
+    monkeypatch.setattr("qlora.plan.resolve_compute_dtype", lambda name: name)
     return recipe_for(tmp_path, tiny_model("gemma"), ROWS, train={"distributed": distributed},
                       quantization={"compute_dtype": "float16", "quant_storage": "float16"})
 
@@ -63,7 +63,7 @@ def test_sharding_sets_the_environment_first_loads_without_a_device_map_and_pass
     assert "device_map" not in loads[0] and loads[0]["dtype"] == torch.float16  # the storage dtype, whole units
     assert loads[0]["quantization_config"].bnb_4bit_quant_storage == torch.float16
 
-    arguments = sft_arguments(recipe, tmp_path / "run")
+    arguments = sft_arguments(recipe)
     assert arguments["fsdp"] is True and arguments["fsdp_config"] == {
         "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
         "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT"}
@@ -82,7 +82,7 @@ def test_without_sharding_the_base_goes_to_this_device_and_the_environment_is_le
     recipe = recipe_for(tmp_path, tiny_model("gemma"), ROWS)  # ddp
     load_quantized_base(recipe)
     assert loads[0]["device_map"] == {"": "cpu"} and loads[0]["env"] == dict.fromkeys(FSDP_ENV)
-    assert "fsdp" not in sft_arguments(recipe, tmp_path / "run")
+    assert "fsdp" not in sft_arguments(recipe)
 
 
 @pytest.mark.parametrize("distributed, adapter", [("fsdp", torch.float16), ("ddp", torch.float32)])
@@ -99,7 +99,7 @@ def test_the_adapter_is_in_the_storage_dtype_when_sharded_and_the_trainer_keeps_
     for name in FSDP_ENV:
         monkeypatch.delenv(name, raising=False)
     # trainer arguments this CPU accepts (fp16 and auto's optimizer are CUDA-only); TRL's cast does not depend on them
-    arguments = {**sft_arguments(recipe, tmp_path / "run"), "fp16": False, "optim": "adamw_torch"}
+    arguments = {**sft_arguments(recipe), "fp16": False, "optim": "adamw_torch"}
     trainer = QLoRATrainer(model=model, args=SFTConfig(**arguments), processing_class=tokenizer,
                            train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]}))
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {adapter}
@@ -115,7 +115,7 @@ def test_fsdp_is_refused_where_one_gpu_cannot_load_the_whole_4bit_base(tmp_path,
                                         "optimizer": "adamw_torch"}}, "r")  # auto, resolved on a GPU
     memory = estimate_memory(recipe, model_shape(recipe), 1024, processes=4)
     assert sum(memory["parts"].values()) < 24 * GB < memory["loading_whole_base"] == memory["total"]
-    monkeypatch.setattr("qlora.model.device_memory", lambda: (24 * GB, "cuda:0"))
+    monkeypatch.setattr("qlora.check.device_memory", lambda: (24 * GB, "cuda:0"))
     assert memory_problem(recipe, memory) == (
         "train.distributed: fsdp: every GPU loads the whole 4-bit base before FSDP shards it, an estimated 33.9 GiB, "
         "more than the 24.0 GiB of cuda:0 (accelerate 1.16 loads only a full-precision base on rank 0 alone); use "

@@ -7,7 +7,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from conftest import ROW, ROW_WITH_INPUT
 from qlora.data import TEMPLATES, encode_segments, row_segments
 from qlora.loss import fusable_head, trained_token_loss
-from qlora.model import add_lora, add_trained_tokens, load_quantized_base, load_tokenizer, resolve_recipe
+from qlora.model import add_lora, add_trained_tokens, load_quantized_base, load_tokenizer
+from qlora.plan import resolve_recipe
 
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 

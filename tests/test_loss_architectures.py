@@ -32,7 +32,8 @@ from conftest import recipe_for
 from qlora.check import model_shape, training_loss
 from qlora.errors import UserError
 from qlora.loss import HEADS, Objective, fusable_head, trained_token_loss, unproven
-from qlora.model import add_lora, load_quantized_base, resolve_recipe
+from qlora.model import add_lora, load_quantized_base
+from qlora.plan import resolve_recipe
 
 # the shared toy size, applied where a config has the attribute: every projection a multiple of 32 (bitsandbytes'
 # CPU 4-bit kernel), two layers, four experts of which two route

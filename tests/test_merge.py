@@ -13,7 +13,7 @@ from conftest import BF16, ROW, snapshot
 from qlora.data import TEMPLATES, encode_prompt
 from qlora.errors import UserError
 from qlora.merge import MIN_AGREEMENT, merge, verify
-from qlora.model import compute_torch_dtype
+from qlora.plan import compute_torch_dtype
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_an_8bit_base_trains_resumes_generates_and_merges_within_the_bar(make_re
     """LLM.int8 (bitsandbytes' Linear8bitLt) runs on CPU: the whole life of a run on an 8-bit base."""
     from qlora.check import estimate_memory, model_shape
     from qlora.generate import generate, load_run
-    from qlora.model import resolve_recipe
+    from qlora.plan import resolve_recipe
     from qlora.train import train
 
     recipe = make_recipe(rows=[ROW], quantization={"load_in_8bit": True},

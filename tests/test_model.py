@@ -10,10 +10,9 @@ import torch
 from transformers import TrainerCallback
 
 from qlora.check import check
-from qlora.config import ModelSection
 from qlora.errors import UserError
-from qlora.model import (add_lora, check_devices, cpu_has_native_bf16, get_quantization_config,
-                         load_quantized_base, load_tokenizer, resolve_attention, resolve_recipe)
+from qlora.model import add_lora, load_quantized_base, load_tokenizer
+from qlora.plan import get_quantization_config, resolve_recipe
 from qlora.train import train
 
 
@@ -47,23 +46,6 @@ def test_target_modules_list_limits_the_adapters(make_recipe):
     assert len(names) == 2 * 2 * 2 and all(("q_proj" in n or "v_proj" in n) for n in names)
 
 
-def test_auto_settings_resolve_for_this_machine(make_recipe):
-    resolved = resolve_recipe(make_recipe())
-    native = cpu_has_native_bf16()
-    assert resolved.quantization.compute_dtype == ("bfloat16" if native else "float32")
-    assert resolved.train.optimizer == "adamw_torch" and resolved.model.attn_implementation == "sdpa"
-    assert resolve_recipe(resolved) == resolved  # a recorded run resolves to itself when resumed
-
-
-def test_a_model_class_without_sdpa_falls_back_to_eager(make_recipe, tmp_path):
-    from transformers import Gemma2Config
-
-    Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=32, vocab_size=256).save_pretrained(tmp_path / "gemma2")
-    recipe = make_recipe(model={"name_or_path": str(tmp_path / "gemma2")})
-    assert resolve_recipe(recipe).model.attn_implementation == "eager"
-
-
 @pytest.mark.parametrize("sections, env, message", [
     ({"quantization": {"compute_dtype": "float16"}}, {}, "quantization.compute_dtype: float16 mixed precision needs"),
     ({"model": {"attn_implementation": "flash_attention_2"}}, {}, "model.attn_implementation: flash_attention_2 needs"),
@@ -78,45 +60,6 @@ def test_check_and_train_refuse_what_this_machine_cannot_run(make_recipe, monkey
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
             command(recipe)
     assert not Path(recipe.train.output_dir).exists()  # refused before anything was written
-
-
-def test_several_visible_gpus_are_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    with pytest.raises(UserError, match="4 CUDA devices are visible: train on all of them with `qlora train RECIPE "
-                                        "--nproc-per-node 4`, or on one with CUDA_VISIBLE_DEVICES=0"):
-        check_devices()
-    monkeypatch.setenv("WORLD_SIZE", "4")  # one process per GPU under torchrun
-    check_devices()
-
-
-def fake_gpus(monkeypatch, *capabilities):
-    """torch.cuda as a machine with these GPUs (compute capabilities) shows it."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: {(7, 5): "Tesla T4", (8, 0): "A100",
-                                                                   (9, 0): "H100"}[capabilities[i]])
-
-
-@pytest.mark.parametrize("capabilities, dtype, message", [
-    ([(7, 5)], "float16", "flash_attention_2 needs compute capability 8.0 or newer (Ampere); cuda:0 (Tesla T4) has "
-                          "7.5: use sdpa"),
-    ([(8, 0), (7, 5)], "bfloat16", "flash_attention_2 needs compute capability 8.0 or newer (Ampere); cuda:1 (Tesla T4) "
-                               "has 7.5"),
-    ([(8, 0)], "float32", "flash_attention_2 computes in bfloat16 or float16, not quantization.compute_dtype=float32"),
-    ([(8, 0)], "bfloat16", None),
-    ([(9, 0), (9, 0)], "float16", None),
-])
-def test_flash_attention_needs_ampere_or_newer_and_half_precision(monkeypatch, capabilities, dtype, message):
-    fake_gpus(monkeypatch, *capabilities)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # flash-attn "installed"
-    model = ModelSection(name_or_path="meta-llama/Llama-2-7b-hf", attn_implementation="flash_attention_2")
-    if message is None:
-        assert resolve_attention(model, dtype) == "flash_attention_2"
-    else:
-        with pytest.raises(UserError, match=f"model.attn_implementation: {re.escape(message)}"):
-            resolve_attention(model, dtype)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama"], ids=["tied-head", "untied-head"])

@@ -14,7 +14,7 @@ from qlora.config import load_recipe
 from qlora.data import encode_prompt
 from qlora.errors import UserError
 from qlora.generate import load_run
-from qlora.model import resolve_recipe
+from qlora.plan import resolve_recipe
 from qlora.train import train
 
 

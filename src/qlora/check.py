@@ -20,6 +20,7 @@ from qlora.errors import UserError
 from qlora.evaluate import EVAL_SHARE, Problem, prompt_ids, training_eval_settings, training_problems
 from qlora.files import check_creatable
 from qlora.loss import CHUNK_ELEMENTS, unproven
+from qlora.plan import Plan, device_memory, make_plan
 from qlora.rundir import METRICS_FILE, RunPlan, data_fingerprint, plan_run, refuse_if_locked
 from qlora.runfiles import read_metrics
 
@@ -147,8 +148,6 @@ def check_run_length(recipe: Recipe, rows: int) -> None:
 def memory_problem(recipe: Recipe, memory: dict[str, Any]) -> str | None:
     """Why the worst micro-batch (estimate_memory) cannot fit this device's memory, or None: train would run out
     at such a batch."""
-    from qlora.model import device_memory
-
     available, device = device_memory()
     if memory["total"] <= available:
         return None
@@ -294,7 +293,7 @@ def eval_problems_estimate(recipe: Recipe, pre: Preflight, report: DataReport, p
     eval_flops, train_flops = 2 * eval_tokens, (6 if t.gradient_checkpointing else 4) * train_tokens
     metrics = Path(t.output_dir) / METRICS_FILE
     measured = [r for r in read_metrics(metrics, "fix or delete that line") if r.get("eval_seconds") is not None] \
-        if pre.plan.action == "resume" and metrics.is_file() else []
+        if pre.run_plan.action == "resume" and metrics.is_file() else []
     return {"problems": len(pre.problems), "samples": t.eval_samples, "every": every, "eval_tokens": round(eval_tokens),
             "train_tokens": round(train_tokens), "share": eval_flops / (eval_flops + train_flops),
             "style": style, "measured": {"step": measured[-1]["step"], "seconds": measured[-1]["eval_seconds"]}
@@ -360,10 +359,10 @@ def spans(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]
 
 @dataclass
 class Preflight:
-    """A recipe that passed every check `train` runs before it writes: resolved for this machine, with its rows,
+    """A recipe that passed every check `train` runs before it writes: planned for this machine, with its rows,
     tokenizer, template, model shape and what train will do with its run directory."""
 
-    recipe: Recipe
+    plan: Plan  # the recipe resolved for this machine and the library arguments
     rows: list[Any]
     eval_rows: list[Any] | None
     tokenizer: Any
@@ -371,20 +370,22 @@ class Preflight:
     shape: ModelShape
     fingerprint: str  # of the training and eval rows
     keep: list[Path]  # local paths the run reads, which --overwrite must never delete
-    plan: RunPlan
+    run_plan: RunPlan
     loss: str  # how train computes the loss (training_loss)
     problems: list[Problem] | None  # train.eval_problems
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe
 
 
 def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     """Run every check `train` runs before writing anything (UserError on the first failure): the one validation
     path `check` and `train` share. Tokenizing the rows (data.build_datasets) comes after it in both."""
-    from qlora.model import add_trained_tokens, load_tokenizer, resolve_recipe
+    from qlora.model import add_trained_tokens, load_tokenizer
 
-    from qlora.train import check_extra
-
-    recipe = resolve_recipe(recipe)
-    check_extra(recipe)
+    plan = make_plan(recipe)
+    recipe = plan.recipe
     problems = training_problems(recipe)
     data, model = recipe.data, recipe.model
     rows = load_rows(data)
@@ -399,10 +400,10 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     keep += [Path(recipe.train.eval_problems)] if problems else []
     refuse_if_locked(Path(recipe.train.output_dir))
     fingerprint = data_fingerprint(rows, eval_rows, [vars(p) for p in problems or []])
-    plan = plan_run(recipe, fingerprint, overwrite, keep)
-    if plan.action != "complete":
+    run_plan = plan_run(recipe, fingerprint, overwrite, keep)
+    if run_plan.action != "complete":
         check_creatable(Path(recipe.train.output_dir), "train.output_dir")
-    return Preflight(recipe, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, plan,
+    return Preflight(plan, rows, eval_rows, tokenizer, TEMPLATES[data.template], shape, fingerprint, keep, run_plan,
                      loss, problems)
 
 
@@ -412,8 +413,6 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
     It runs train's own checks (preflight, then tokenizing with data.build_datasets); on a refusal it reports
     on every row that could be trained, whatever the policy says.
     """
-    from qlora.model import device_description
-
     pre = preflight(recipe, overwrite)
     recipe, data, tokenizer, template = pre.recipe, pre.recipe.data, pre.tokenizer, pre.template
     errors = []
@@ -436,7 +435,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
     return CheckReport(
         data=report,
         errors=errors,
-        resolved={"device": device_description(), "compute_dtype": recipe.quantization.compute_dtype,
+        resolved={"device": pre.plan.device, "compute_dtype": recipe.quantization.compute_dtype,
                   "optimizer": recipe.train.optimizer, "attn_implementation": recipe.model.attn_implementation,
                   "loss": pre.loss},
         length_stats={"min": ordered[0], "median": statistics.median(ordered),
@@ -450,7 +449,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
                                    tokenizer.convert_tokens_to_ids(recipe.lora.trained_tokens))),
         vocabulary=shape.vocab,
         examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
-        skipped=pre.plan.skipped,
+        skipped=pre.run_plan.skipped,
         eval_problems=eval_problems_estimate(recipe, pre, report, processes) if pre.problems else None,
     )
 

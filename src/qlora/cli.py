@@ -585,6 +585,9 @@ def main() -> None:
     type) is one line on stderr and exit 2, like every other bad input."""
     from typer.core import _click
 
+    from qlora.compat import quiet_library_noise
+
+    quiet_library_noise()
     if not sys.stderr.isatty():  # a log file or CI: no tqdm bars redrawn line by line; qlora prints its own progress
         for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(name, "1")

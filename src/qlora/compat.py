@@ -8,8 +8,11 @@ the tested range, instead of the override silently never being called (the NaN g
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import re
+import warnings
 from importlib.metadata import PackageNotFoundError, requires, version
 
 from qlora.errors import RunFailed
@@ -45,3 +48,21 @@ def require_hooks(base: type, subclass: type, package: str) -> None:
             continue
         raise RunFailed(f"{package} {version(package)}: {base.__name__}.{name} {problem}, and qlora overrides it; "
                         f"install the range qlora is tested with: pip install '{package}{pinned_range(package)}'")
+
+
+@functools.cache  # filters and levels are process-wide: set once
+def quiet_library_noise() -> None:
+    """Silence the libraries' messages that are noise on every run (each said once, its reason beside it); called
+    before a model loads and by the CLI."""
+    # bitsandbytes, at import on CPUs with AVX512-BF16, fetches an optional kernel from the kernels hub and warns when
+    # it cannot (kernels absent, hub offline, untrusted); it falls back to its own kernel, so that is noise on every
+    # run, as is kernels' own warning that offline it skips that kernel's publisher check
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
+    # bitsandbytes runs a paged optimizer unpaged on CPU, warning at its first step; `train` says so in its device
+    # line
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+    # peft still calls transformers' gradient_checkpointing_* names, renamed in transformers 5: noise on every run
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing.*` is deprecated",
+                            category=FutureWarning)

@@ -24,7 +24,7 @@ def devices() -> list[str]:
     """Each CUDA device with its capability, memory and bf16 support, or the CPU's bf16 support."""
     import torch
 
-    from qlora.model import cpu_has_native_bf16
+    from qlora.plan import cpu_has_native_bf16
 
     if not torch.cuda.is_available():
         return [f"cpu: {platform.processor() or platform.machine()}, {'native' if cpu_has_native_bf16() else 'emulated'}"
@@ -41,7 +41,9 @@ def devices() -> list[str]:
 def bitsandbytes_backend() -> str:
     import torch
 
-    import qlora.model  # noqa: F401  (first: it silences bitsandbytes' harmless CPU-kernel warning)
+    from qlora.compat import quiet_library_noise
+
+    quiet_library_noise()  # first: bitsandbytes' harmless CPU-kernel warning comes at its import
     import bitsandbytes
 
     backend = "CUDA" if torch.cuda.is_available() else "CPU"

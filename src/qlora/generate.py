@@ -19,8 +19,8 @@ from qlora.config import GenerationSection, ModelSection, Recipe, load_recipe
 from qlora.data import TEMPLATE_FILE, Template, encode_prompt, stop_token_ids, turn_end
 from qlora.errors import RunInterrupted, UserError
 from qlora.files import check_parent, complete_lines, jsonl_lines, read_jsonl
+from qlora.progress import console, heartbeat, progress
 from qlora.rundir import ADAPTER_DIR, RECIPE_FILE, check_run_adapter
-from qlora.train import console
 
 
 @dataclass
@@ -30,7 +30,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     template: Template
-    recipe: Recipe | None  # as this machine computes it (model.inference_recipe); None for a merged directory
+    recipe: Recipe | None  # as this machine computes it (plan.inference_recipe); None for a merged directory
 
 
 def is_run(path: Path) -> bool:
@@ -50,9 +50,8 @@ def load_run(path: str | Path) -> LoadedModel:
     """Load a run directory (4-bit base + adapter, as trained) or a merged model directory."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.model import (inference_dtype, inference_recipe, load_adapter, load_quantized_base,
-                             load_tokenizer, spread_device_map)
-    from qlora.progress import heartbeat
+    from qlora.model import load_adapter, load_quantized_base, load_tokenizer
+    from qlora.plan import inference_dtype, inference_recipe, spread_device_map
 
     path = Path(path)
     with heartbeat(console, f"loading {path}"):
@@ -145,7 +144,7 @@ def check_beams(path: Path, num_beams: int | None, rows: int) -> None:
     logits, their log-probabilities, the beam scores), before any activation or cache."""
     from transformers import AutoConfig
 
-    from qlora.model import device_memory
+    from qlora.plan import device_memory
 
     flag = "--num-beams" if num_beams is not None else "generation.num_beams"
     run = is_run(path)
@@ -293,8 +292,6 @@ def generate_file(loaded: LoadedModel, in_path: Path, rows: list[dict[str, Any]]
                   sampling: GenerationSection, batch_size: int = 8) -> tuple[int, int]:
     """Append each row of `in_path` not yet in `out_path`, with a `generation` field, batch by batch (each batch
     flushed to disk); returns (rows written now, rows there before). Ctrl-C keeps every finished batch."""
-    from qlora.progress import progress
-
     done = rows_already_written(out_path, in_path, rows)
     if out_path.exists():  # checked again as it is cut: the file may have changed while the model loaded
         complete_lines(out_path, "--output-file", cut_from_rows(rows))

@@ -92,7 +92,8 @@ def check_output(run: Path, output: Path, overwrite: bool, keep: list[Path], com
 
 def dequantized_base(recipe):
     """The 4- or 8-bit base dequantized in the compute dtype: the very weights its kernels used in training."""
-    from qlora.model import compute_torch_dtype, load_quantized_base
+    from qlora.model import load_quantized_base
+    from qlora.plan import compute_torch_dtype
 
     return load_quantized_base(recipe).dequantize(dtype=compute_torch_dtype(recipe.quantization))
 
@@ -109,7 +110,8 @@ def unmerged_base(recipe, base: BaseMode, dtype):
 
 def load_merged_model(run: Path, recipe, base: BaseMode, dtype: str, tokenizer):
     """The base with the run's adapter folded in, as a plain (unquantized) transformers model."""
-    from qlora.model import load_adapter, torch_dtype
+    from qlora.model import load_adapter
+    from qlora.plan import torch_dtype
 
     console.print(f"loading base {recipe.model.name_or_path} ({base})")
     with heartbeat(console, "loading the base"):
@@ -130,7 +132,8 @@ def merge(run: str | Path, output: str | Path, *, base: BaseMode = "dequantized"
     """Write the merged model, tokenizer (with chat template), generation config and model card to `output`."""
     from transformers import GenerationConfig
 
-    from qlora.model import inference_recipe, load_tokenizer, save_tokenizer, trained_compute_dtype
+    from qlora.model import load_tokenizer, save_tokenizer
+    from qlora.plan import inference_recipe, trained_compute_dtype
 
     run, output = Path(run), Path(output)
     if not (run / RECIPE_FILE).is_file() or not (run / ADAPTER_DIR / "adapter_config.json").is_file():

@@ -1,290 +1,22 @@
-"""Recipe -> library objects: BitsAndBytesConfig, LoraConfig, tokenizer, 4-bit base, LoRA-wrapped model."""
+"""Loading: the tokenizer, the (4-bit) base and a run's adapter, and wrapping the base with LoRA adapters, each
+with the arguments plan.py makes for this machine."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
-import logging
-import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora import distributed
+from qlora.compat import quiet_library_noise
 from qlora.errors import UserError
-
-# bitsandbytes, at import on CPUs with AVX512-BF16, fetches an optional kernel from the kernels hub and warns when
-# it cannot (kernels absent, hub offline, untrusted); it falls back to its own kernel, so that is noise on every run,
-# as is kernels' own warning that offline it skips that kernel's publisher check
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-logging.getLogger("kernels._internals.hf_hub").addFilter(
-    lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
-# bitsandbytes runs a paged optimizer unpaged on CPU, warning at its first step; `train` says so in its device line
-warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
-# peft still calls transformers' gradient_checkpointing_* names, renamed in transformers 5: noise on every run
-warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing.*` is deprecated", category=FutureWarning)
+from qlora.plan import (FSDP_CONFIG, base_arguments, compute_torch_dtype, full_precision_arguments, get_lora_config,
+                        sharded, torch_dtype)
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 
 if TYPE_CHECKING:
-    from qlora.config import LoraSection, ModelSection, QuantizationSection, Recipe
-
-
-@functools.cache  # read by every dtype resolution; the CPU does not change
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 matmuls beat float32 ones."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:  # not Linux: assume emulated bf16, which is slower than float32
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
-
-
-def resolve_compute_dtype(name: str) -> str:
-    """quantization.compute_dtype made concrete for this machine; a dtype the device cannot train in is refused."""
-    import torch
-
-    if torch.cuda.is_available():
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        if name == "auto":
-            return "bfloat16" if native_bf16 else "float16"
-        if name == "bfloat16" and not native_bf16:
-            major, minor = torch.cuda.get_device_capability()
-            raise UserError(f"quantization.compute_dtype: bfloat16 needs a CUDA GPU of compute capability 8.0 or "
-                            f"newer; {torch.cuda.get_device_name()} is {major}.{minor}: use auto (float16 there) "
-                            "or float32")
-        return name
-    if name == "float16":
-        raise UserError("quantization.compute_dtype: float16 mixed precision needs a CUDA GPU; on CPU use auto, "
-                        "bfloat16 or float32")
-    if name == "auto":
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
-    return name
-
-
-def trained_compute_dtype(q: QuantizationSection) -> str:
-    """The compute dtype a run trained in: train records it resolved; auto (a recipe.yaml train did not write) is
-    taken as this machine resolves it."""
-    return resolve_compute_dtype("auto") if q.compute_dtype == "auto" else q.compute_dtype
-
-
-def inference_recipe(recipe: Recipe) -> Recipe:
-    """A run's recipe as generate, merge, export and eval compute it on this machine.
-
-    compute_dtype stays the one the run trained in where this device computes in it; else float32, which holds
-    every bfloat16 and float16 value exactly, with one console line saying so. Training refuses instead
-    (resolve_compute_dtype): it cannot train there, but a run trained elsewhere must still load here.
-    """
-    import torch
-
-    q, trained = recipe.quantization, trained_compute_dtype(recipe.quantization)
-    try:
-        dtype = resolve_compute_dtype(trained)
-    except UserError:
-        from rich.console import Console
-
-        device = f"GPU ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "CPU"
-        Console(stderr=True).print(f"the run trained in {trained}; this {device} computes in float32 instead")
-        dtype = "float32"
-    return recipe.model_copy(update={"quantization": q.model_copy(update={"compute_dtype": dtype})})
-
-
-def resolve_optimizer(name: str) -> str:
-    """train.optimizer, with auto made concrete for this machine."""
-    import torch
-
-    if name != "auto":
-        return name
-    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
-
-
-def resolve_attention(model: ModelSection, compute_dtype: str) -> str:
-    """model.attn_implementation, checked against what is installed and what the model class supports.
-
-    sdpa on a class without it (Gemma-2: sdpa cannot soft-cap logits) falls back to eager, as transformers
-    itself does when no kernel is named; flash_attention_2 needs CUDA GPUs of compute capability 8.0 or newer
-    (flash-attn 2 has no kernels for Turing/Volta), computing in bfloat16 or float16, and the flash-attn package.
-    """
-    import torch
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if model.attn_implementation == "flash_attention_2":
-        if not torch.cuda.is_available():
-            raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa")
-        older = [(i, torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())
-                 if torch.cuda.get_device_capability(i) < (8, 0)]
-        if older:
-            index, (major, minor) = older[0]
-            raise UserError(f"model.attn_implementation: flash_attention_2 needs compute capability 8.0 or newer "
-                            f"(Ampere); cuda:{index} ({torch.cuda.get_device_name(index)}) has {major}.{minor}: use "
-                            "sdpa")
-        if compute_dtype not in ("bfloat16", "float16"):
-            raise UserError(f"model.attn_implementation: flash_attention_2 computes in bfloat16 or float16, not "
-                            f"quantization.compute_dtype={compute_dtype}; set one of those or use sdpa")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise UserError("model.attn_implementation: flash_attention_2, but the flash-attn package is not "
-                            "installed: pip install flash-attn --no-build-isolation, or use sdpa")
-        return model.attn_implementation
-    if model.attn_implementation != "sdpa" or model.trust_remote_code:
-        return model.attn_implementation
-    try:
-        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except (OSError, KeyError, ValueError):  # unreadable or unknown: from_pretrained reports it in its own words
-        return model.attn_implementation
-    return "sdpa" if model_class._supports_sdpa else "eager"
-
-
-TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                   "trackio": ("trackio",)}
-
-
-def check_trackers(report_to: list[str]) -> None:
-    """train.report_to: each tracker's package must be installed (transformers fails at the first log otherwise)."""
-    for tracker in report_to:
-        if not any(importlib.util.find_spec(module) for module in TRACKER_MODULES[tracker]):
-            raise UserError(f"train.report_to: {tracker} is not installed: pip install {TRACKER_MODULES[tracker][0]}, "
-                            "or remove it (metrics.jsonl is always written)")
-
-
-def absolute_data_paths(data):
-    """data.path and data.eval_path as absolute paths where local, so a resume works from any directory."""
-    from qlora.data import is_local_path
-
-    update = {key: str(Path(value).expanduser().resolve()) for key in ("path", "eval_path")
-              if (value := getattr(data, key)) and is_local_path(value)}
-    return data.model_copy(update=update)
-
-
-def check_devices() -> None:
-    """Several visible GPUs need one process each (the trainer would fall back to DataParallel, which 4-bit
-    models do not support)."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count > 1 and distributed.world_size() == 1:
-        raise UserError(f"{count} CUDA devices are visible: train on all of them with `qlora train RECIPE "
-                        f"--nproc-per-node {count}`, or on one with CUDA_VISIBLE_DEVICES=0")
-
-
-def device_description() -> str:
-    """The device training runs on, e.g. `cuda:0 (NVIDIA A100-SXM4-40GB, capability 8.0)` or `cpu (native bf16)`."""
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}, capability {major}.{minor})"
-    return f"cpu ({'native' if cpu_has_native_bf16() else 'emulated'} bf16)"
-
-
-def device_memory() -> tuple[int, str]:
-    """Bytes of memory of the device this process computes on, and its name: the GPU's, else the machine's RAM."""
-    import os
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, \
-            f"cuda:{torch.cuda.current_device()}"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
-
-
-def resolve_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as this machine will run it: auto settings made concrete; local model and data paths and the
-    output directory made absolute, so `qlora train RUN/recipe.yaml` resumes the run from any directory.
-
-    `train` records the result in the run's recipe.yaml, so a resume on a machine that would choose
-    differently is refused naming the key, and generate and merge use the dtype the adapter was trained in.
-    Raises UserError where the machine cannot run the recipe (shared by `check` and `train`).
-    """
-    check_devices()
-    check_trackers(recipe.train.report_to)
-    model, q, t = recipe.model, recipe.quantization, recipe.train
-    model_path = Path(model.name_or_path).expanduser()
-    if model_path.exists() or model.name_or_path.startswith((".", "/", "~")):  # local, not a hub id
-        if not (model_path / "config.json").is_file():
-            problem = "does not exist" if not model_path.exists() else "is not a model directory (no config.json)"
-            raise UserError(f"model.name_or_path: {model.name_or_path} {problem}; give a directory saved with "
-                            "save_pretrained, or a hub id like google/gemma-2b")
-        model = model.model_copy(update={"name_or_path": str(model_path.resolve())})
-    quantization = q.model_copy(update={"compute_dtype": resolve_compute_dtype(q.compute_dtype)})
-    model = model.model_copy(update={"attn_implementation": resolve_attention(model, quantization.compute_dtype)})
-    if t.distributed == "fsdp":
-        check_fsdp(quantization, t.optimizer)
-    optimizer = "adamw_torch" if t.distributed == "fsdp" and t.optimizer == "auto" else resolve_optimizer(t.optimizer)
-    train = t.model_copy(update={"optimizer": optimizer,
-                                 "output_dir": str(Path(t.output_dir).expanduser().resolve())})
-    return recipe.model_copy(update={"model": model, "quantization": quantization, "train": train,
-                                     "data": absolute_data_paths(recipe.data)})
-
-
-def check_fsdp(q: QuantizationSection, optimizer: str) -> None:
-    """FSDP-QLoRA as peft documents it: GPUs, the 4-bit weights stored in the compute dtype, and not the 8-bit
-    optimizers (their state fails to save under FSDP, peft's caveats say)."""
-    import torch
-
-    # accelerate 1.16 makes its FSDP plugin for accelerator devices only (AcceleratorState): on CPU ranks the
-    # trainer would silently run DDP
-    if not torch.cuda.is_available():
-        raise UserError("train.distributed: fsdp shards the model across CUDA GPUs and this machine has none; "
-                        "use ddp (the default), which also runs on CPU")
-    if q.load_in_8bit:
-        raise UserError("quantization.load_in_8bit with train.distributed: fsdp: FSDP shards 4-bit weights only "
-                        "(peft's FSDP guide); use load_in_4bit or ddp")
-    if q.load_in_4bit and q.quant_storage != q.compute_dtype:
-        raise UserError(f"quantization.quant_storage: {q.quant_storage} with train.distributed: fsdp must be the "
-                        f"compute dtype, {q.compute_dtype}")
-    if optimizer in ("paged_adamw_8bit", "adamw_8bit"):
-        raise UserError(f"train.optimizer: {optimizer} fails to save its state under FSDP; use adamw_torch or "
-                        "paged_adamw_32bit (auto chooses adamw_torch with fsdp)")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
-def compute_torch_dtype(q: QuantizationSection):
-    """The torch dtype of the recipe's compute_dtype on this machine (auto resolved)."""
-    return torch_dtype(resolve_compute_dtype(q.compute_dtype))
-
-
-def get_quantization_config(q: QuantizationSection):
-    """The BitsAndBytesConfig for the recipe, or None when the base is loaded in full precision."""
-    from transformers import BitsAndBytesConfig
-
-    if q.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if not q.load_in_4bit:
-        return None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute_torch_dtype(q),
-        bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
-    )
-
-
-def get_lora_config(lora: LoraSection, trainable_token_indices: dict[str, list[int]] | None = None):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        modules_to_save=list(lora.modules_to_save) or None,
-        trainable_token_indices=trainable_token_indices,
-        task_type="CAUSAL_LM",
-    )
+    from qlora.config import LoraSection, ModelSection, Recipe
 
 
 def warn_remote_code(model: ModelSection) -> None:
@@ -393,68 +125,18 @@ def save_tokenizer(tokenizer, model: ModelSection, directory: Path) -> None:
         shutil.copyfile(source, Path(directory) / SENTENCEPIECE_FILE)
 
 
-def device_map():
-    """Where the base goes: this rank's CUDA device (device 0 in a single process) when there is one, else the
-    CPU."""
-    import torch
-
-    return {"": distributed.local_rank()} if torch.cuda.is_available() else {"": "cpu"}
-
-
-def spread_device_map():
-    """Where a full-precision model goes for merge and generate: accelerate's "auto", filling the visible GPUs in
-    turn, then CPU memory, so a model larger than one GPU still loads; the CPU without CUDA."""
-    import torch
-
-    return "auto" if torch.cuda.is_available() else {"": "cpu"}
-
-
-def sharded(recipe: Recipe) -> bool:
-    """Whether training shards the model with FSDP (train.distributed: fsdp, under several processes)."""
-    return recipe.train.distributed == "fsdp" and distributed.world_size() > 1
-
-
-FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
-               "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT"}
-
-
-def fsdp_arguments(recipe: Recipe) -> dict:
-    """SFTConfig's FSDP fields under train.distributed: fsdp with several processes: FSDP2 (`fully_shard`, the
-    version transformers 5 defaults to, FSDP1 being deprecated) with only the keys FSDP2 reads: each decoder layer
-    its own unit, resharded after forward, and the adapter saved whole, as peft's FSDP guide saves it.
-
-    cpu_ram_efficient_loading makes accelerate broadcast a full-precision base from rank 0 to the others (put on
-    meta); accelerate 1.16 skips that for a 4-bit base (fsdp2_prepare_model), so each rank loads the 4-bit base
-    whole and keeps its shard. `load_quantized_base` sets it in the environment before the load, as accelerate's
-    launcher would. Activation checkpointing stays the trainer's (transformers warns that FSDP's own saves an
-    all-gather): accelerate's wraps each layer with preserve_rng_state=False, so LoRA dropout would draw other masks
-    when backward recomputes the layer."""
-    return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if sharded(recipe) else {}
-
-
 def load_quantized_base(recipe: Recipe):
     """The frozen base model, in 4-bit NF4 (double-quantized) when the recipe says so."""
     from transformers import AutoModelForCausalLM
 
     warn_remote_code(recipe.model)
-    q = recipe.quantization
+    quiet_library_noise()
     if sharded(recipe) and FSDP_CONFIG["cpu_ram_efficient_loading"]:
         from accelerate.utils import enable_fsdp_ram_efficient_loading
 
         enable_fsdp_ram_efficient_loading()  # read by from_pretrained (transformers' is_fsdp_enabled)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            recipe.model.name_or_path,
-            revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
-            quantization_config=get_quantization_config(q),
-            # FSDP flattens every weight of a unit into one tensor: all in the storage dtype (peft's FSDP-QLoRA guide)
-            dtype=torch_dtype(q.quant_storage) if sharded(recipe) else compute_torch_dtype(q),
-            attn_implementation=recipe.model.attn_implementation,
-            # sharding: no device_map, as the FSDP-QLoRA guides load (bitsandbytes then puts the base on this rank's
-            # device, accelerate on rank 0's for a full-precision one)
-            **({} if sharded(recipe) else {"device_map": device_map()}),
-        )
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **base_arguments(recipe))
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r} "
                         f"(revision {recipe.model.revision}): {exc}") from None
@@ -462,23 +144,15 @@ def load_quantized_base(recipe: Recipe):
     return model
 
 
-def inference_dtype():
-    """dtype to load a full-precision model for inference: as saved on CUDA; float32 on CPU (fast and exact)."""
-    import torch
-
-    return "auto" if torch.cuda.is_available() else torch.float32
-
-
 def load_full_precision_base(recipe: Recipe, dtype):
     """The recipe's base model, unquantized, in `dtype` (a torch dtype or "auto")."""
     from transformers import AutoModelForCausalLM
 
     warn_remote_code(recipe.model)
+    quiet_library_noise()
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            recipe.model.name_or_path, revision=recipe.model.revision, dtype=dtype,
-            trust_remote_code=recipe.model.trust_remote_code, device_map=spread_device_map(),
-        )
+        return AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path,
+                                                    **full_precision_arguments(recipe, dtype))
     except OSError as exc:
         raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r} "
                         f"(revision {recipe.model.revision}): {exc}") from None

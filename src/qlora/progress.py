@@ -10,7 +10,14 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from rich.console import Console
+
+from qlora import distributed
+
 LOG_EVERY = 10.0  # seconds between lines when stderr is not a terminal
+# train's and generate's messages. No hard wraps: a path in a message stays one greppable line; with several ranks,
+# rank 0 speaks for all
+console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
 
 
 def duration(seconds: float) -> str:

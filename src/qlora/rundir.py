@@ -15,6 +15,7 @@ from typing import Any, Literal
 from rich.console import Console
 
 from qlora.config import Recipe, dump_recipe, load_recipe, validate_recipe
+from qlora.data import TEMPLATE_FILE, Template
 from qlora.errors import UserError
 from qlora.files import (MARKER, busy_message, check_replaceable, held_lock, lock_holder, read_marker, sha256_file,
                          write_atomic, write_json, write_marker)
@@ -32,7 +33,7 @@ BEST_FILE = "best.json"  # train.keep_best: the checkpoint published as adapter/
 LOCK_FILE = ".lock"  # flock()ed by the `train` using the run; holds its PID
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what peft saves
 RUN_LENGTH = ("train.max_steps", "train.epochs")  # the only recipe keys a resumed run may change
-# keys whose `auto` recipe.yaml records as this machine resolved it (see model.resolve_recipe)
+# keys whose `auto` recipe.yaml records as this machine resolved it (see plan.resolve_recipe)
 RESOLVED_KEYS = ("quantization.compute_dtype", "train.optimizer", "model.attn_implementation")
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 RNG_TENSORS, RNG_JSON = "rng_state.safetensors", "rng_state.json"
@@ -75,12 +76,23 @@ def adapter_origin(run: Path) -> str:
 
 
 def check_run_adapter(run: Path) -> None:
-    """A finished run's adapter/ readable (runfiles.check_adapter) before any model loads; the fix names the
-    checkpoint `train` writes it again from."""
+    """A finished run's adapter/ readable before any model loads: the weights, adapter_config.json and template.json
+    it needs; the fix names the checkpoint `train` writes it again from."""
     last = complete_checkpoints(run / CHECKPOINT_DIR)
     fix = (f"delete {run / ADAPTER_DIR} and run `qlora train {run / RECIPE_FILE}` to write it again from "
            f"{last[-1].name}" if last else "restore it from a backup, or train the run again")
-    runfiles.check_adapter(run / ADAPTER_DIR, fix)
+    adapter = run / ADAPTER_DIR
+    weights, config_file = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    for path in (weights, config_file, adapter / TEMPLATE_FILE):
+        if not path.is_file():
+            raise runfiles.damaged(path, "is missing", fix)
+    problem = runfiles.safetensors_problem(weights)
+    if problem:
+        raise runfiles.damaged(weights, problem, fix)
+    problem = runfiles.lora_config_problem(runfiles.read_json(config_file, fix), weights)
+    if problem:
+        raise runfiles.damaged(config_file, problem, fix)
+    Template.load(adapter, fix)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -151,24 +151,6 @@ def lora_config_problem(config: dict, weights: Path) -> str | None:
     return None
 
 
-def check_adapter(adapter: Path, fix: str) -> None:
-    """A run's adapter/ (or a merged model's template): the weights, adapter_config.json and template.json it needs,
-    each readable, before any model loads."""
-    from qlora.data import TEMPLATE_FILE, Template
-
-    weights, config_file = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
-    for path in (weights, config_file, adapter / TEMPLATE_FILE):
-        if not path.is_file():
-            raise damaged(path, "is missing", fix)
-    problem = safetensors_problem(weights)
-    if problem:
-        raise damaged(weights, problem, fix)
-    problem = lora_config_problem(read_json(config_file, fix), weights)
-    if problem:
-        raise damaged(config_file, problem, fix)
-    Template.load(adapter, fix)
-
-
 def trainer_state_problem(path: Path) -> str | None:
     """What makes a checkpoint's trainer_state.json unusable for the trainer's resume; None when it is."""
     from transformers import TrainerState

@@ -10,24 +10,20 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from rich.console import Console
-
 from qlora import distributed
 from qlora.check import Preflight, memory_problem, preflight, worst_micro_batch
 from qlora.collate import PackedCollator
 from qlora.config import Recipe
 from qlora.data import build_datasets
-from qlora.errors import RunFailed, RunInterrupted, UserError, one_line
+from qlora.errors import RunFailed, RunInterrupted, UserError
 from qlora.evaluate import EVAL_SHARE, make_problems_callback
 from qlora.files import publish_dir, tmp_sibling, write_json
-from qlora.model import add_lora, device_description, fsdp_arguments, load_quantized_base, save_tokenizer, sharded
+from qlora.model import add_lora, load_quantized_base, save_tokenizer
+from qlora.progress import console
 from qlora.rundir import (ADAPTER_DIR, ADAPTER_FILES, BEST_FILE, CHECKPOINT_DIR, ENVIRONMENT_FILE, METRICS_FILE,
                           TENSORBOARD_DIR, RunPlan, apply_plan, best_checkpoint, checkpoint_step,
                           complete_checkpoints, early_stopped, evals_since_best, mark_complete, plan_run,
                           record_environment, record_recipe, run_lock)
-
-# no hard wraps: a path in a message stays one greppable line; with several ranks, rank 0 speaks for all
-console = Console(stderr=True, soft_wrap=True, quiet=not distributed.is_main())
 
 
 @contextmanager
@@ -281,137 +277,16 @@ def make_early_stopping_callback(recipe: Recipe):
     return EarlyStopping()
 
 
-def use_liger(setting: str) -> bool:
-    """Whether to patch the model with Liger kernels (train.liger)."""
-    import importlib.util
-
-    import torch
-
-    installed = importlib.util.find_spec("liger_kernel") is not None
-    if setting == "on" and not installed:
-        raise UserError("train.liger: on, but liger-kernel is not installed: pip install 'qlora[liger]'")
-    return setting == "on" or (setting == "auto" and installed and torch.cuda.is_available())
 
 
-def collator(recipe: Recipe, tokenizer):
-    """qlora's best-fit-decreasing rows for train.padding_free (with flash-attention: TRL's one row, see
-    sft_config); None: TRL pads each micro-batch."""
-    if recipe.train.padding_free and recipe.model.attn_implementation != "flash_attention_2":
-        return PackedCollator(tokenizer.pad_token_id, recipe.data.max_length)
-    return None
 
 
-def sft_arguments(recipe: Recipe, run: Path) -> dict:
-    """SFTConfig's fields from the recipe (warmup_ratio becomes warmup_steps, a ratio when < 1)."""
-    import torch
-
-    t, compute = recipe.train, recipe.quantization.compute_dtype
-    return dict(
-        output_dir=str(run / CHECKPOINT_DIR),
-        max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type="cosine_with_min_lr" if t.min_lr_ratio else t.lr_scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.min_lr_ratio else {},
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        neftune_noise_alpha=t.neftune_noise_alpha,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        eval_strategy="steps" if recipe.data.eval_fraction or recipe.data.eval_path else "no",
-        eval_steps=t.eval_steps or t.save_steps,
-        save_total_limit=t.save_total_limit,
-        # train.keep_best: the trainer tracks the best eval in its state; qlora keeps and publishes that checkpoint
-        # (checkpoint.QLoRATrainer, write_adapter), so the trainer loads nothing at the end
-        metric_for_best_model="eval_loss" if t.keep_best == "eval_loss" else None,
-        greater_is_better=False if t.keep_best == "eval_loss" else None,
-        load_best_model_at_end=False,
-        report_to=list(t.report_to) or "none",
-        bf16=compute == "bfloat16",
-        fp16=compute == "float16",
-        use_cpu=not torch.cuda.is_available(),  # the trainer's CPU mode: bf16 autocast on CPU
-        include_num_input_tokens_seen="non_padding",
-        dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenized and masked by data.py
-        max_length=None,  # data.py already applied data.max_length and data.too_long
-        # flash-attention's varlen kernel knows document boundaries: TRL's one-row padding-free batches suit it;
-        # elsewhere qlora's PackedCollator packs the micro-batches into rows (see `collator`)
-        padding_free=t.padding_free and recipe.model.attn_implementation == "flash_attention_2",
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        use_liger_kernel=use_liger(t.liger),
-        dataloader_pin_memory=False,
-        disable_tqdm=True,  # make_console_callback draws the progress
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient at every step
-        **fsdp_arguments(recipe),
-    )
 
 
-def sft_config(recipe: Recipe, run: Path):
-    """The SFTConfig the trainer runs with: the recipe's fields and train.extra."""
-    from trl import SFTConfig
-
-    return SFTConfig(**sft_arguments(recipe, run), **recipe.train.extra)
 
 
-# SFTConfig fields that would break how a run saves or resumes: adapter/ is published from the checkpoint the trainer
-# writes at the last step, and a resume continues from the newest checkpoint exactly where the run stopped
-BREAKS_SAVING = {
-    "save_strategy": "qlora writes a checkpoint every train.save_steps steps and at the last step, which adapter/ is "
-                     "published from and a resume continues from; set train.save_steps",
-    "save_only_model": "a checkpoint without the optimizer, scheduler and RNG states cannot be resumed exactly",
-    "ignore_data_skip": "a resumed run would train again on the batches it already trained on",
-    "resume_from_checkpoint": "qlora resumes from the newest complete checkpoint in train.output_dir by itself",
-    "save_on_each_node": "the run directory, which every machine must see, is written by one process only",
-}
 
 
-def check_extra(recipe: Recipe) -> None:
-    """train.extra may name only SFTConfig fields that no recipe key sets, each with a value of the field's type
-    that SFTConfig's own checks accept."""
-    import dataclasses
-    import difflib
-    import typing
-
-    from pydantic import TypeAdapter, ValidationError
-    from trl import SFTConfig
-
-    fields = sorted(f.name for f in dataclasses.fields(SFTConfig))
-    types = typing.get_type_hints(SFTConfig)
-    owned = set(sft_arguments(recipe, Path("run"))) | {"fsdp", "fsdp_config"}
-    for key, value in recipe.train.extra.items():
-        if key in BREAKS_SAVING:
-            raise UserError(f"train.extra.{key}: remove it: {BREAKS_SAVING[key]}")
-        if key in owned:
-            instead = ("train.keep_best" if key in ("metric_for_best_model", "greater_is_better",
-                                                    "load_best_model_at_end") else "the recipe's own key")
-            raise UserError(f"train.extra.{key}: qlora sets {key} from the recipe; use {instead} (docs/reference.md)")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see transformers' TrainingArguments and TRL's SFTConfig"
-            raise UserError(f"train.extra.{key} is not an SFTConfig field; {hint}")
-        # typed first: SFTConfig itself takes any value, and some wrongly (a number for a path is opened as a file
-        # descriptor)
-        try:
-            TypeAdapter(types[key]).validate_python(value, strict=True)
-        except ValidationError:
-            raise UserError(f"train.extra.{key}: {value!r} is not of SFTConfig's type for it, "
-                            f"{getattr(types[key], '__name__', types[key])}") from None
-    if recipe.train.extra:
-        try:
-            sft_config(recipe, Path(recipe.train.output_dir))
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"train.extra: SFTConfig refuses {recipe.train.extra}: {one_line(exc)}") from None
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = None) -> Path:
@@ -450,6 +325,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     import torch
     from transformers import PrinterCallback, Trainer, set_seed
     from transformers.integrations import TensorBoardCallback
+    from trl import SFTConfig
 
     from qlora.checkpoint import QLoRATrainer, ShardedQLoRATrainer, StopAtSignal
     from qlora.generate import LoadedModel
@@ -459,8 +335,8 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     # they all pass
     pre = distributed.on_every_rank(lambda: preflight(recipe, overwrite))
     recipe, run = pre.recipe, Path(pre.recipe.train.output_dir)
-    if pre.plan.action == "complete":
-        console.print(f"{run} is complete at step {pre.plan.step}: nothing to do (raise train.max_steps or "
+    if pre.run_plan.action == "complete":
+        console.print(f"{run} is complete at step {pre.run_plan.step}: nothing to do (raise train.max_steps or "
                       "train.epochs to train on, or pass --overwrite to start over)")
         return run
     dataset, eval_dataset, report = build_datasets(recipe, pre.rows, pre.eval_rows, pre.tokenizer, pre.template)
@@ -469,19 +345,19 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     console.print(f"data: {report.summary()}")
 
     with write_failures(run), run_lock(run) if distributed.is_main() else nullcontext():
-        plan = distributed.from_main(lambda: prepare_run(recipe, run, overwrite, pre))
-        if plan.action == "finish":
+        run_plan = distributed.from_main(lambda: prepare_run(recipe, run, overwrite, pre))
+        if run_plan.action == "finish":
             console.print(f"[green]done:[/] adapter saved to {run / ADAPTER_DIR}")
             return run
-        if plan.action == "resume":
-            distributed.on_every_rank(lambda: readable_checkpoint(plan.checkpoint))
+        if run_plan.action == "resume":
+            distributed.on_every_rank(lambda: readable_checkpoint(run_plan.checkpoint))
         q, t = recipe.quantization, recipe.train
         unpaged = " (unpaged on CPU)" if t.optimizer.startswith("paged_") and not torch.cuda.is_available() else ""
-        console.print(f"device {device_description()}: compute {q.compute_dtype}, optimizer {t.optimizer}{unpaged}, "
+        console.print(f"device {pre.plan.device}: compute {q.compute_dtype}, optimizer {t.optimizer}{unpaged}, "
                       f"attention {recipe.model.attn_implementation}")
         world = distributed.world_size()
         if world > 1:
-            console.print(f"{world} processes ({'FSDP' if sharded(recipe) else 'DDP'}): effective batch "
+            console.print(f"{world} processes ({'FSDP' if pre.plan.sharded else 'DDP'}): effective batch "
                           f"{t.batch_size} x {t.grad_accum} x {world} = "
                           f"{t.batch_size * t.grad_accum * world} examples per optimizer step")
         width = f"4-bit {q.quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "full precision"
@@ -497,13 +373,14 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
         evals = [make_problems_callback(LoadedModel(model, pre.tokenizer, pre.template, recipe), pre.problems, recipe,
                                         lambda logs: Trainer.log(trainer, logs))] if pre.problems else []
         stopping = [make_early_stopping_callback(recipe)] if t.early_stopping_patience else []
-        trainer = (ShardedQLoRATrainer if sharded(recipe) else QLoRATrainer)(
+        trainer = (ShardedQLoRATrainer if pre.plan.sharded else QLoRATrainer)(
             model=model,
-            args=sft_config(recipe, run),
+            args=SFTConfig(**pre.plan.sft_arguments),
             train_dataset=dataset,
             eval_dataset=eval_dataset,
             processing_class=pre.tokenizer,
-            data_collator=collator(recipe, pre.tokenizer),
+            data_collator=(PackedCollator(pre.tokenizer.pad_token_id, recipe.data.max_length) if pre.plan.packed
+                           else None),
             callbacks=[make_metrics_callback(run / METRICS_FILE), make_console_callback(), *evals, StopAtSignal(stop),
                        *stopping, *callbacks],
         )
@@ -513,7 +390,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = str(run / TENSORBOARD_DIR)
         with out_of_memory_hint(recipe):
-            trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.action == "resume" else None)
+            trainer.train(resume_from_checkpoint=str(run_plan.checkpoint) if run_plan.action == "resume" else None)
         if stop.signum is not None:
             step = trainer.state.global_step  # StopAtSignal saved a checkpoint at this step
             raise RunInterrupted(f"{signal.Signals(stop.signum).name} after step {step}: "
@@ -527,20 +404,20 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
 def prepare_run(recipe: Recipe, run: Path, overwrite: bool, pre: Preflight) -> RunPlan:
     """Rank 0, holding the run lock: plan again, then write adapter/ of a run that only lacks it, or clear the way
     and write recipe.yaml and environment.json for a start or a resume."""
-    plan = plan_run(recipe, pre.fingerprint, overwrite, pre.keep)  # again, now that no other train can move it
-    if plan.action != pre.plan.action:
+    run_plan = plan_run(recipe, pre.fingerprint, overwrite, pre.keep)  # again, now that no other train can move it
+    if run_plan.action != pre.run_plan.action:
         raise UserError(f"train.output_dir: {run} changed while this command prepared (another qlora train?); "
                         "run the command again")
-    if plan.action == "finish":
-        console.print(f"{plan.checkpoint} is the end of the run but adapter/ was not written: writing it")
-        finish_run(run, pre, plan.checkpoint)
-        return plan
-    apply_plan(run, plan, pre.fingerprint)
-    console.print(f"resuming from {plan.checkpoint} (step {plan.step})" if plan.action == "resume"
+    if run_plan.action == "finish":
+        console.print(f"{run_plan.checkpoint} is the end of the run but adapter/ was not written: writing it")
+        finish_run(run, pre, run_plan.checkpoint)
+        return run_plan
+    apply_plan(run, run_plan, pre.fingerprint)
+    console.print(f"resuming from {run_plan.checkpoint} (step {run_plan.step})" if run_plan.action == "resume"
                   else f"starting {run}")
     record_recipe(run, recipe)
-    record_environment(run / ENVIRONMENT_FILE, plan.step, device_description())
-    return plan
+    record_environment(run / ENVIRONMENT_FILE, run_plan.step, pre.plan.device)
+    return run_plan
 
 
 def readable_checkpoint(checkpoint: Path) -> None:
