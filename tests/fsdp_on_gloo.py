@@ -4,8 +4,9 @@ lifted, everything else as on GPUs.
 accelerate 1.16 makes its FSDP plugin for accelerator devices only (AcceleratorState leaves gloo ranks MULTI_CPU, so
 the trainer would run DDP), and qlora refuses fsdp without CUDA for that reason. Here both gates let CPU ranks
 through, so transformers' fsdp_config, accelerate's fsdp2_prepare_model, torch's fully_shard over the 4-bit weights,
-the trainer's FSDP checkpoints and their resume run for real. Each rank writes rank-N.json beside the recipe: its
-share of the frozen base's bytes once sharded, and the dtypes of the base and the adapter.
+qlora's checkpoints of the sharded adapter and their resume run for real; torch.load (pickle) is refused, so nothing
+is read back through it. Each rank writes rank-N.json beside the recipe: its share of the frozen base's bytes once
+sharded, and the dtypes of the base and the adapter.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/fsdp_on_gloo.py RECIPE [--set KEY=VALUE ...]
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 import accelerate.accelerator
+import torch
 from accelerate.state import AcceleratorState, DistributedType, PartialState
 
 import qlora.plan
@@ -59,7 +61,12 @@ def prepare_and_record(accelerator, model):
     return model
 
 
+def no_pickle(source, *args, **kwargs):
+    raise AssertionError(f"torch.load({source!r}): qlora reads checkpoints without pickle")
+
+
 AcceleratorState.__init__ = fsdp_on_cpu
+torch.load = no_pickle
 qlora.plan.check_fsdp = check_fsdp_as_on_gpus
 accelerate.accelerator.fsdp2_prepare_model = prepare_and_record
 app(["train", *sys.argv[1:]])

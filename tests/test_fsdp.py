@@ -179,6 +179,9 @@ def test_an_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one(fs
     fsdp_on_gloo(recipe)
     err = fsdp_on_gloo(recipe, "--set", "train.max_steps=4")
     assert f"resuming from {tmp_path / 'run/checkpoints/checkpoint-2'} (step 2)" in err
+    written = {path.suffix for path in (tmp_path / "run/checkpoints").rglob("*") if path.is_file()}
+    assert written == {".safetensors", ".json", ".md"}  # peft's model card; no pickle, and the resume read none
+    # (fsdp_on_gloo refuses torch.load)
     assert err.count("2 processes (FSDP): effective batch 1 x 1 x 2 = 2 examples per optimizer step") == 1
     resumed, uninterrupted = (load_file(run / "run/adapter/adapter_model.safetensors") for run in (tmp_path, fsdp_run))
     assert resumed.keys() == uninterrupted.keys()

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import shutil
+from importlib.metadata import version
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from qlora import distributed
-from qlora.compat import require_hooks
+from qlora.compat import pinned_range, require_hooks
 from qlora.errors import RunFailed
 from qlora.files import publish_dir, tmp_sibling
 from qlora.loss import Objective, add_trained_token_loss
@@ -185,7 +186,9 @@ class QLoRATrainer(SFTTrainer):
         final = parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         tmp = tmp_sibling(final)
         main = self.args.should_save
-        non_finite = [n for n, p in self.model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+        adapter = self.gathered_adapter()
+        weights = adapter or {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        non_finite = [name for name, weight in weights.items() if not weight.isfinite().all()]
         if non_finite:
             self.stop_non_finite(self.state.global_step, f"weight {non_finite[0]} is not finite, so it was not saved")
         self.store_flos()
@@ -194,11 +197,12 @@ class QLoRATrainer(SFTTrainer):
             tmp.mkdir(parents=True)
         distributed.barrier()
         try:
+            self._save_optimizer_and_scheduler(tmp)  # every rank: a sharded optimizer state is gathered
             if main:
                 # lora.trained_tokens' rows are saved as peft's trainable-token deltas; with a grown vocabulary peft
                 # would also save both embedding matrices whole by default (gigabytes for a 150k vocabulary)
-                self.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-                self._save_optimizer_and_scheduler(tmp)
+                self.model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True,
+                                           save_embedding_layers=False)
                 self._save_scaler(tmp)
                 self.state.save_to_json(str(tmp / TRAINER_STATE_JSON))
             self._save_rng_state(tmp)
@@ -217,15 +221,29 @@ class QLoRATrainer(SFTTrainer):
                     shutil.rmtree(old)
         distributed.barrier()  # every rank sees the published checkpoint before training on
 
+    def gathered_adapter(self) -> dict | None:
+        """The trainable weights whole on every rank where the model shards them (ShardedQLoRATrainer); None where
+        each rank holds them whole."""
+        return None
+
+    def optimizer_state(self) -> dict:
+        """The optimizer state rank 0 writes; every rank calls it (ShardedQLoRATrainer gathers the shards)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
     def _save_optimizer_and_scheduler(self, output_dir):
-        save_state(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_TENSORS, Path(output_dir) / OPTIMIZER_JSON)
-        write_json(Path(output_dir) / SCHEDULER_JSON, self.lr_scheduler.state_dict())
+        state = self.optimizer_state()
+        if self.args.should_save:
+            save_state(state, Path(output_dir) / OPTIMIZER_TENSORS, Path(output_dir) / OPTIMIZER_JSON)
+            write_json(Path(output_dir) / SCHEDULER_JSON, self.lr_scheduler.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
             return
         checkpoint = Path(checkpoint)
-        self.optimizer.load_state_dict(load_state(checkpoint / OPTIMIZER_TENSORS, checkpoint / OPTIMIZER_JSON))
+        self.load_optimizer_state(load_state(checkpoint / OPTIMIZER_TENSORS, checkpoint / OPTIMIZER_JSON))
         self.lr_scheduler.load_state_dict(read_json(checkpoint / SCHEDULER_JSON))
 
     def _save_scaler(self, output_dir):
@@ -306,17 +324,51 @@ require_hooks(SFTTrainer, QLoRATrainer, "transformers")
 
 
 class ShardedQLoRATrainer(QLoRATrainer):
-    """train.distributed: fsdp: the model and optimizer state are sharded, so checkpoints are the trainer's own FSDP
-    ones and the loss is TRL's (peft's FSDP-QLoRA guide); the NaN guards stay."""
+    """train.distributed: fsdp: the adapter and its optimizer state are sharded across the ranks. A checkpoint
+    gathers them whole (an adapter is small) with torch's distributed state-dict API, so it is the same pickle-free
+    checkpoint one process writes; a resume hands each rank its shard back. The loss is TRL's (peft's FSDP-QLoRA
+    guide)."""
 
-    _save_checkpoint = SFTTrainer._save_checkpoint
-    _save_optimizer_and_scheduler = SFTTrainer._save_optimizer_and_scheduler
-    _load_optimizer_and_scheduler = SFTTrainer._load_optimizer_and_scheduler
-    _save_scaler = SFTTrainer._save_scaler
-    _load_scaler = SFTTrainer._load_scaler
-    _save_rng_state = SFTTrainer._save_rng_state
-    _load_rng_state = SFTTrainer._load_rng_state
     compute_loss = SFTTrainer.compute_loss
+
+    def gathered_adapter(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         ignore_frozen_params=True))
+
+    def optimizer_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        # keyed by parameter name, whole, on rank 0 (which writes it)
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The checkpoint's adapter into the sharded model: peft names the gathered weights as it saved them, they
+        take the saved values, and each rank keeps its shard of them."""
+        from peft import get_peft_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        weights = self.gathered_adapter()
+        as_saved = get_peft_model_state_dict(self.model, state_dict=weights, save_embedding_layers=False)
+        saved = load_file(Path(resume_from_checkpoint) / "adapter_model.safetensors")
+        gathered = {tensor.data_ptr() for tensor in weights.values()}
+        if saved.keys() != as_saved.keys() or any(t.data_ptr() not in gathered for t in as_saved.values()):
+            raise RunFailed(f"{resume_from_checkpoint}: its adapter does not map onto the sharded model with peft "
+                            f"{version('peft')} (tested: {pinned_range('peft')}); install that range")
+        for name, tensor in as_saved.items():
+            tensor.copy_(saved[name])
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+require_hooks(SFTTrainer, ShardedQLoRATrainer, "transformers")
 
 
 class StopAtSignal(TrainerCallback):
