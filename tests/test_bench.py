@@ -60,3 +60,17 @@ def test_bench_quant_error_orders_the_quantizations(tmp_path):
                     str(out)], check=True, capture_output=True, timeout=300)
     errors = json.loads(out.read_text())["relative_rms_error"]
     assert errors["bfloat16"] < errors["int8"] < errors["nf4_double_quant"] < errors["fp4"]
+
+
+def test_bench_optimizer_steps_every_optimizer_on_the_real_adapter(tmp_path, smollm2):
+    out = tmp_path / "o.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--model", str(smollm2), "--steps",
+                    "3", "--warmup", "1", "--train-steps", "1", "--out", str(out)], check=True, capture_output=True,
+                   timeout=600)
+    report = json.loads(out.read_text())
+    assert report["trainable_parameters"] == 4_884_480  # r=16 on SmolLM2-135M's 7 x 30 linear layers
+    optimizers = report["optimizers"]
+    assert set(optimizers) == {"adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"}
+    assert all(len(o["step_ms_all"]) == 2 for o in optimizers.values()) and len(report["train_step_ms_all"]) == 1
+    # 8-bit moments with a float32 scale per 256-block (bitsandbytes' blockwise), against two float32 moments
+    assert optimizers["paged_adamw_8bit"]["state_mib"] < optimizers["adamw_torch"]["state_mib"] / 3

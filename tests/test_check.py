@@ -172,3 +172,19 @@ def test_check_names_the_trained_tokens_ids_and_the_grown_embeddings(make_recipe
     assert "lora.trained_tokens: <|im_start|> id 1024, <|im_end|> id 1025; the embeddings grow from 1,024 to 1,026 rows" \
         in text
     assert "trained_token_embedding_gradient" in text
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_8bit", "adamw_torch"])
+def test_check_says_when_8bit_adamw_costs_more_than_it_saves_on_a_cpu(make_recipe, optimizer):
+    """bitsandbytes' 8-bit AdamW on CPU: 8.3x adamw_torch's step on SmolLM2-135M's adapter (scripts/bench_optimizer.py)
+    for 6 bytes of state per trainable parameter."""
+    report = check(make_recipe(train={"optimizer": optimizer}))
+    if optimizer == "adamw_torch":
+        assert report.notes == []
+        return
+    saved = round(137_216 * 6 / 2**20)  # the tiny Gemma's adapter: 0.8 MiB
+    assert report.notes == [
+        f"train.optimizer: {optimizer} saves {saved} MiB of optimizer state here, but on a CPU bitsandbytes runs it as "
+        "a chain of small ops: 8.3x the step time of adamw_torch on SmolLM2-135M's adapter (600 vs 72 ms, "
+        "benchmarks/results/optimizer-smollm2-135m-cpu.json); use optimizer: auto (adamw_torch on CPU) unless RAM is "
+        "that tight"]

@@ -30,6 +30,9 @@ NESTED_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax valu
 # optimizer state bytes per trainable parameter
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "adafactor": 4}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# one optimizer step on this CPU, SmolLM2-135M's LoRA adapter (4.9M parameters), ms: scripts/bench_optimizer.py,
+# benchmarks/results/optimizer-smollm2-135m-cpu.json
+CPU_STEP_MS = {"adamw_torch": 72.0, "paged_adamw_8bit": 600.1}
 # a year at 1 ms a step: no step takes less (the trainer's own Python work per step is more), so a longer run never ends
 MOST_STEPS = 365 * 24 * 3600 * 1000
 
@@ -329,6 +332,7 @@ class CheckReport:
     examples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) spans
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints train would pass over (RunPlan.skipped)
     eval_problems: dict[str, Any] | None = None  # eval_problems_estimate, with train.eval_problems
+    notes: list[str] = field(default_factory=list)  # settings that run, but cost more than they give here
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -451,7 +455,24 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         examples=[spans(tokenizer, ids[i], labels[i]) for i in range(min(2, len(ids)))],
         skipped=pre.run_plan.skipped,
         eval_problems=eval_problems_estimate(recipe, pre, report, processes) if pre.problems else None,
+        notes=[note] if (note := optimizer_note(recipe, shape)) else [],
     )
+
+
+def optimizer_note(recipe: Recipe, shape: ModelShape) -> str | None:
+    """Why bitsandbytes' 8-bit AdamW does not pay on a CPU, where a recipe names it: the state it saves for this
+    adapter, against the measured cost of its CPU step."""
+    import torch
+
+    optimizer = recipe.train.optimizer
+    if torch.cuda.is_available() or optimizer not in ("paged_adamw_8bit", "adamw_8bit"):
+        return None
+    saved = shape.lora * (OPTIMIZER_BYTES["adamw_torch"] - OPTIMIZER_BYTES[optimizer])
+    slow, fast = CPU_STEP_MS["paged_adamw_8bit"], CPU_STEP_MS["adamw_torch"]
+    return (f"train.optimizer: {optimizer} saves {saved / 2**20:,.0f} MiB of optimizer state here, but on a CPU "
+            f"bitsandbytes runs it as a chain of small ops: {slow / fast:.1f}x the step time of adamw_torch on "
+            f"SmolLM2-135M's adapter ({slow:.0f} vs {fast:.0f} ms, benchmarks/results/optimizer-smollm2-135m-cpu.json); "
+            "use optimizer: auto (adamw_torch on CPU) unless RAM is that tight")
 
 
 def print_report(report: CheckReport, recipe: Recipe, console) -> None:
@@ -511,6 +532,8 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         if e["share"] > EVAL_SHARE:
             console.print(f"[yellow]eval_problems would take more than {EVAL_SHARE:.0%} of the training time:[/] raise "
                           "train.eval_problems_every, or lower train.eval_max_new_tokens or eval_samples")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     for number, example in enumerate(report.examples, start=1):
         console.print(f"[bold]example {number}[/] ([dim]masked[/] / [green]trained[/]):")
         if console.is_terminal:
