@@ -56,7 +56,7 @@ SHAPES = {
                                          tie_word_embeddings=True)),
     "tiny": None,  # qlora.tiny's Gemma: runs on CPU in seconds; claims no speed
 }
-VARIANTS = ("baseline", "qlora")
+VARIANTS = ("baseline", "qlora", "compiled")
 MALLOC_MMAP_THRESHOLD = 65536  # bytes: a freed block at least this large goes back to the system at once
 
 
@@ -199,6 +199,10 @@ def load_variant(model_dir: Path, variant: str, args):
     else:
         model = add_lora(load_quantized_base(recipe), recipe, build_tokenizer("gemma"))  # the data's tokenizer
         model.enable_input_require_grads()  # as the trainer does for checkpointing
+        if variant == "compiled":
+            from qlora.compile import compile_blocks
+
+            compile_blocks(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer_for(recipe, params)
         collate = PackedCollator(pad_token_id=0, capacity=args.max_length)
@@ -534,6 +538,7 @@ def main() -> None:
         return
     steps = {name: load_variant(model_dir, name, args)[1] for name in names}
     times = {name: [] for name in names}
+    warmup_times = {name: [] for name in names}
     losses = {name: [] for name in names}
     padded = {name: 0 for name in names}
     phases = {name: PhaseTimer() for name in names}
@@ -548,10 +553,12 @@ def main() -> None:
             if index >= args.warmup:
                 times[name].append(elapsed)
                 padded[name] += total
+            else:
+                warmup_times[name].append(elapsed)
         if index >= args.warmup:
             real_tokens += real
-        print(f"step {index + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1] if times[n] else 0:.2f}s"
-                                                            for n in names), file=sys.stderr)
+        print(f"step {index + 1}/{args.steps}: " + ", ".join(
+            f"{n} {(times[n] if index >= args.warmup else warmup_times[n])[-1]:.2f}s" for n in names), file=sys.stderr)
 
     profiles = {name: top_operators(steps[name], batches[args.warmup], args.profile_ops)
                 for name in names if args.profile_ops}
@@ -567,6 +574,7 @@ def main() -> None:
             "tokens_per_second": real_tokens / seconds,
             "step_time_s": statistics.mean(times[name]),
             "step_time_s_stdev": statistics.pstdev(times[name]),
+            "warmup_step_time_s": warmup_times[name],
             "phase_time_s": {phase: seconds / len(times[name]) for phase, seconds in phases[name].seconds.items()},
             "step_time_ratio_to_reference_median": statistics.median(
                 t / r for t, r in zip(times[name], times[reference])),

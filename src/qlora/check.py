@@ -379,12 +379,14 @@ class Preflight:
 def preflight(recipe: Recipe, overwrite: bool = False) -> Preflight:
     """Run every check `train` runs before writing anything (UserError on the first failure): the one validation
     path `check` and `train` share. Tokenizing the rows (data.build_datasets) comes after it in both."""
+    from qlora.compile import compile_plan
     from qlora.model import add_trained_tokens, load_tokenizer, resolve_recipe
 
     from qlora.train import check_extra
 
     recipe = resolve_recipe(recipe)
     check_extra(recipe)
+    compile_plan(recipe)
     problems = training_problems(recipe)
     data, model = recipe.data, recipe.model
     rows = load_rows(data)
@@ -412,6 +414,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
     It runs train's own checks (preflight, then tokenizing with data.build_datasets); on a refusal it reports
     on every row that could be trained, whatever the policy says.
     """
+    from qlora.compile import compile_plan
     from qlora.model import device_description
 
     pre = preflight(recipe, overwrite)
@@ -438,7 +441,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         errors=errors,
         resolved={"device": device_description(), "compute_dtype": recipe.quantization.compute_dtype,
                   "optimizer": recipe.train.optimizer, "attn_implementation": recipe.model.attn_implementation,
-                  "loss": pre.loss},
+                  "loss": pre.loss, "compile": compile_plan(recipe)},
         length_stats={"min": ordered[0], "median": statistics.median(ordered),
                       "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]},
         histogram=histogram(lengths),
@@ -465,6 +468,7 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     console.print(f"[bold]device[/] {r['device']}: compute {r['compute_dtype']}, optimizer {r['optimizer']}, "
                   f"attention {r['attn_implementation']}")
     console.print(f"[bold]loss[/] {escape(r['loss'])}", highlight=False)
+    console.print(f"[bold]train.compile[/] {escape(r['compile'])}", highlight=False)
     console.print(f"[bold]data[/] {d.source}: {d.rows_total} rows, {d.rows_total - d.invalid_count} valid"
                   + (f", {escape(d.invalid_summary())}" if d.invalid else ""))
     console.print(f"tokens per example: min {stats['min']}, median {stats['median']:g}, p95 {stats['p95']}, "

@@ -452,6 +452,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     from transformers.integrations import TensorBoardCallback
 
     from qlora.checkpoint import QLoRATrainer, ShardedQLoRATrainer, StopAtSignal
+    from qlora.compile import compile_callbacks
     from qlora.generate import LoadedModel
 
     distributed.start(cpu=not torch.cuda.is_available())
@@ -505,7 +506,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             processing_class=pre.tokenizer,
             data_collator=collator(recipe, pre.tokenizer),
             callbacks=[make_metrics_callback(run / METRICS_FILE), make_console_callback(), *evals, StopAtSignal(stop),
-                       *stopping, *callbacks],
+                       *stopping, *compile_callbacks(recipe, model, console.print), *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # it prints the raw log dicts
         for callback in trainer.callback_handler.callbacks:
