@@ -575,6 +575,7 @@ def main() -> None:
             "step_time_s": statistics.mean(times[name]),
             "step_time_s_stdev": statistics.pstdev(times[name]),
             "warmup_step_time_s": warmup_times[name],
+            "step_times_s": times[name],
             "phase_time_s": {phase: seconds / len(times[name]) for phase, seconds in phases[name].seconds.items()},
             "step_time_ratio_to_reference_median": statistics.median(
                 t / r for t, r in zip(times[name], times[reference])),
@@ -602,6 +603,9 @@ def main() -> None:
             "peak_memory_increase_in_steps": q["peak_increase_in_steps_bytes"] / b["peak_increase_in_steps_bytes"],
             "peak_memory": q["peak_bytes"] / b["peak_bytes"],
         }
+    if {"qlora", "compiled"} <= set(results):
+        report.setdefault("ratios", {})["compiled_to_qlora_step_time_median_paired"] = statistics.median(
+            c / q for c, q in zip(times["compiled"], times["qlora"]))
     write_report(report, args.out)
 
 

@@ -1,5 +1,6 @@
 """train.compile: auto's measured warm-up keeps the faster mode, on compiles and trains as eager does."""
 
+import io
 import json
 from types import SimpleNamespace
 
@@ -57,9 +58,18 @@ def test_auto_does_not_compile_a_run_too_short_to_repay_it(tiny):
 
 
 def test_check_says_what_compile_does_and_on_is_refused_without_a_compiler(make_recipe, monkeypatch):
-    from qlora.check import check
+    import torch
+    from rich.console import Console
 
-    assert check(make_recipe(train={"compile": "off"})).resolved["compile"] == "eager"
+    from qlora.check import check, print_report
+
+    recipe = make_recipe(train={"compile": "off", "optimizer": "paged_adamw_8bit"})
+    out = io.StringIO()
+    print_report(check(recipe), recipe, Console(file=out, width=300))
+    assert "train.compile eager\n" in out.getvalue()
+    # the seed recipes' optimizer, measured on a CPU
+    assert ("train.optimizer: paged_adamw_8bit on a CPU is bitsandbytes' chain of torch ops per parameter" in
+            out.getvalue()) is not torch.cuda.is_available()
     assert check(make_recipe()).resolved["compile"].startswith("auto: 3 optimizer steps eager; if the rest of the run "
                                                                "would take over 600 s eager")
     monkeypatch.setattr(qcompile.shutil, "which", lambda name: None)

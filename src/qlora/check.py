@@ -180,6 +180,15 @@ def check_trained_tokens(head, name: str, recipe: Recipe) -> None:
                         f"trainable tokens drop; add {name} to lora.modules_to_save to train the head in full")
 
 
+def cpu_optimizer_note(optimizer: str, cuda: bool) -> str | None:
+    """Why a recipe's 8-bit AdamW costs more than it saves on a CPU (scripts/bench_optimizer.py), or None."""
+    if cuda or optimizer not in ("paged_adamw_8bit", "adamw_8bit"):
+        return None
+    return (f"train.optimizer: {optimizer} on a CPU is bitsandbytes' chain of torch ops per parameter: on "
+            "SmolLM2-135M's LoRA (4.9M parameters) a step took 7x adamw_torch's time to save 26 MiB of state "
+            "(benchmarks/results/optimizer-smollm2-135m-1thread-cpu.json); auto (adamw_torch) is faster here")
+
+
 def training_loss(recipe: Recipe, shape: ModelShape) -> str:
     """How `train` computes the loss, in one line (qlora.loss, or the model's own forward, and the objective
     SFTTrainer defines from train.extra); UserError for an objective it would not train as written."""
@@ -467,6 +476,9 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         console.print(f"[yellow]run:[/] {escape(line)}", highlight=False)
     console.print(f"[bold]device[/] {r['device']}: compute {r['compute_dtype']}, optimizer {r['optimizer']}, "
                   f"attention {r['attn_implementation']}")
+    on_gpu = r["device"].startswith("cuda")
+    if note := cpu_optimizer_note(recipe.train.optimizer, on_gpu):
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
     console.print(f"[bold]loss[/] {escape(r['loss'])}", highlight=False)
     console.print(f"[bold]train.compile[/] {escape(r['compile'])}", highlight=False)
     console.print(f"[bold]data[/] {d.source}: {d.rows_total} rows, {d.rows_total - d.invalid_count} valid"
@@ -493,7 +505,6 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
         console.print("lora.trained_tokens: " + ", ".join(f"{escape(t)} id {i}" for t, i in tokens.items()) + grown,
                       highlight=False)
     m = report.memory
-    on_gpu = r["device"].startswith("cuda")
     memory, one, many = ("GPU memory", "GPU", "GPUs") if on_gpu else ("RAM (CPU training)", "process", "processes")
     each = f" per {one}, {m['processes']} {many} with {recipe.train.distributed}" if m["processes"] > 1 else ""
     console.print(f"[bold]peak {memory} estimate: {m['total'] / GB:.2f} GiB{each}[/] (micro-batch of "
