@@ -1,11 +1,10 @@
 """One optimizer step's time on the LoRA adapter of a real model (r=16 on every linear layer), per optimizer,
 interleaved in one process (the order rotating), as transformers' Trainer builds each for `qlora train`.
 
-    python scripts/bench_optimizer.py --out benchmarks/results/optimizer-smollm2-135m-cpu.json
+    python scripts/bench_optimizer.py --out benchmarks/results/optimizer-smollm2-135m-1thread-cpu.json
 """
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -26,6 +25,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
+    from bench import device_name, versions, write_report  # this directory's: the script's own is first on the path
     from qlora.fetch import cache_root
 
     model_dir = args.model or str(next((cache_root() / "models").glob("smollm2-135m-*")))
@@ -50,7 +50,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     params = optimizers[names[0]][3]
     report = {"command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-              "model": model_dir, "lora_parameters": sum(p.numel() for p in params), "lora_tensors": len(params),
+              "device": device_name(), "versions": versions(), "model": model_dir, "lora_parameters": sum(p.numel() for p in params), "lora_tensors": len(params),
               "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "optimizers": {}}
     for name, (optimizer, cls, kwargs, _) in optimizers.items():
         state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
@@ -60,10 +60,7 @@ def main() -> None:
             "step_ms_median": statistics.median(times[name][3:]) * 1e3, "step_ms_min": min(times[name][3:]) * 1e3,
             f"step_time_ratio_to_{names[0]}_median_paired": statistics.median(
                 t / r for t, r in zip(times[name][3:], times[names[0]][3:]))}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
