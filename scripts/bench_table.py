@@ -13,12 +13,14 @@ PARTS = ("weights", "lora_weights_grads_optimizer", "activations", "lm_head_chun
 
 
 def depth(report: dict) -> str:
-    """The model's depth, and what differs from the defaults: trained tokens, float32 compute (scripts/bench.py)."""
+    """The model's depth, and what differs from the defaults: trained tokens, float32 compute, one thread
+    (scripts/bench.py)."""
     layers, command = report["layers"], report["command"]
     tokens = re.search(r"--trained-tokens (\d+)", command)
     return (f"{layers} layer{'s' if layers > 1 else ''}" if layers else "full depth") + \
         (f", {tokens.group(1)} trained tokens" if tokens and tokens.group(1) != "0" else "") + \
-        (", float32 compute" if "--compute-dtype float32" in command else "")
+        (", float32 compute" if "--compute-dtype float32" in command else "") + \
+        (", 1 thread" if report.get("settings", {}).get("torch_threads") == 1 else "")
 
 
 def cpu(device: str) -> str:

@@ -80,6 +80,7 @@ def test_check_says_what_compile_does_and_on_is_refused_without_a_compiler(make_
         check(make_recipe(train={"compile": "on"}))
 
 
+@pytest.mark.compile
 def test_compiled_training_gives_eager_losses(make_recipe, tmp_path, capsys):
     """On the tiny Llama in bf16 with gradient checkpointing and qlora's chunked loss, as users train on CPU."""
     from qlora.train import train
