@@ -6,7 +6,6 @@ import importlib.util
 import os
 import shutil
 import time
-from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -16,8 +15,9 @@ from qlora.fetch import cache_root
 # auto: the first step of each mode is not timed (eager: allocator warm-up; compiled: the compile itself)
 EAGER_STEPS = 3
 COMPILED_STEPS = 3
-# auto compiles only when the eager rest of the run, cut by EXPECTED_GAIN, would repay COMPILE_SECONDS: the compiling
-# step of SmolLM2-360M at batch 1 took 19 s with inductor's cache, 40 s without; compiled steps ran 1.14x faster
+# auto compiles only when the eager rest of the run, cut by EXPECTED_GAIN, would repay COMPILE_SECONDS: at batch 1 the
+# compiling step took 10-22 s more than an eager one with inductor's cache (SmolLM2-360M, Qwen2.5-0.5B), up to 40 s
+# without, and compiled steps ran 1.02-1.12x eager's tokens/s (docs/performance.md, train.compile)
 COMPILE_SECONDS = 60
 EXPECTED_GAIN = 0.1
 BLOCKS = ("self_attn", "mlp")
@@ -59,6 +59,7 @@ def compile_blocks(model) -> int:
 
 
 def uncompile_blocks(model) -> None:
+    """Undo compile_blocks: the blocks run eager again (their compiled code stays cached)."""
     for block in compiled_blocks(model):
         block._compiled_call_impl = None  # what nn.Module.compile set: calls go to forward again
 
