@@ -14,6 +14,7 @@ benchmarks/README.md explains every number (the FLOPs formula included).
 - qlora: what `qlora train` runs: qlora.model's loader and add_lora (embedding and head in bf16 with bf16 compute),
   micro-batches packed best-fit-decreasing into rows (qlora.collate), qlora.loss (the head only at trained positions, fused with its gradient),
   non-reentrant checkpointing, the recipe's optimizer (paged 8-bit AdamW, as the seed recipes), the same autocast.
+- compiled: qlora with `train.compile: on` (qlora.compile: each decoder layer's attention and MLP blocks compiled).
 """
 
 from __future__ import annotations
