@@ -14,6 +14,7 @@ benchmarks/README.md explains every number (the FLOPs formula included).
 - qlora: what `qlora train` runs: qlora.model's loader and add_lora (embedding and head in bf16 with bf16 compute),
   micro-batches packed best-fit-decreasing into rows (qlora.collate), qlora.loss (the head only at trained positions, fused with its gradient),
   non-reentrant checkpointing, the recipe's optimizer (paged 8-bit AdamW, as the seed recipes), the same autocast.
+- compiled: qlora with `train.compile: on` (qlora.compile: each decoder layer's attention and MLP blocks compiled).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ SHAPES = {
                                          tie_word_embeddings=True)),
     "tiny": None,  # qlora.tiny's Gemma: runs on CPU in seconds; claims no speed
 }
-VARIANTS = ("baseline", "qlora")
+VARIANTS = ("baseline", "qlora", "compiled")
 MALLOC_MMAP_THRESHOLD = 65536  # bytes: a freed block at least this large goes back to the system at once
 
 
@@ -199,6 +200,10 @@ def load_variant(model_dir: Path, variant: str, args):
     else:
         model = add_lora(load_quantized_base(recipe), recipe, build_tokenizer("gemma"))  # the data's tokenizer
         model.enable_input_require_grads()  # as the trainer does for checkpointing
+        if variant == "compiled":
+            from qlora.compile import compile_blocks
+
+            compile_blocks(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optimizer_for(recipe, params)
         collate = PackedCollator(pad_token_id=0, capacity=args.max_length)
@@ -534,6 +539,7 @@ def main() -> None:
         return
     steps = {name: load_variant(model_dir, name, args)[1] for name in names}
     times = {name: [] for name in names}
+    warmup_times = {name: [] for name in names}
     losses = {name: [] for name in names}
     padded = {name: 0 for name in names}
     phases = {name: PhaseTimer() for name in names}
@@ -548,10 +554,12 @@ def main() -> None:
             if index >= args.warmup:
                 times[name].append(elapsed)
                 padded[name] += total
+            else:
+                warmup_times[name].append(elapsed)
         if index >= args.warmup:
             real_tokens += real
-        print(f"step {index + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1] if times[n] else 0:.2f}s"
-                                                            for n in names), file=sys.stderr)
+        print(f"step {index + 1}/{args.steps}: " + ", ".join(
+            f"{n} {(times[n] if index >= args.warmup else warmup_times[n])[-1]:.2f}s" for n in names), file=sys.stderr)
 
     profiles = {name: top_operators(steps[name], batches[args.warmup], args.profile_ops)
                 for name in names if args.profile_ops}
@@ -567,6 +575,8 @@ def main() -> None:
             "tokens_per_second": real_tokens / seconds,
             "step_time_s": statistics.mean(times[name]),
             "step_time_s_stdev": statistics.pstdev(times[name]),
+            "warmup_step_time_s": warmup_times[name],
+            "step_times_s": times[name],
             "phase_time_s": {phase: seconds / len(times[name]) for phase, seconds in phases[name].seconds.items()},
             "step_time_ratio_to_reference_median": statistics.median(
                 t / r for t, r in zip(times[name], times[reference])),
@@ -594,6 +604,9 @@ def main() -> None:
             "peak_memory_increase_in_steps": q["peak_increase_in_steps_bytes"] / b["peak_increase_in_steps_bytes"],
             "peak_memory": q["peak_bytes"] / b["peak_bytes"],
         }
+    if {"qlora", "compiled"} <= set(results):
+        report.setdefault("ratios", {})["compiled_to_qlora_step_time_median_paired"] = statistics.median(
+            c / q for c, q in zip(times["compiled"], times["qlora"]))
     write_report(report, args.out)
 
 

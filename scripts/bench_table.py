@@ -13,12 +13,14 @@ PARTS = ("weights", "lora_weights_grads_optimizer", "activations", "lm_head_chun
 
 
 def depth(report: dict) -> str:
-    """The model's depth, and what differs from the defaults: trained tokens, float32 compute (scripts/bench.py)."""
+    """The model's depth, and what differs from the defaults: trained tokens, float32 compute, one thread
+    (scripts/bench.py)."""
     layers, command = report["layers"], report["command"]
     tokens = re.search(r"--trained-tokens (\d+)", command)
     return (f"{layers} layer{'s' if layers > 1 else ''}" if layers else "full depth") + \
         (f", {tokens.group(1)} trained tokens" if tokens and tokens.group(1) != "0" else "") + \
-        (", float32 compute" if "--compute-dtype float32" in command else "")
+        (", float32 compute" if "--compute-dtype float32" in command else "") + \
+        (", 1 thread" if report.get("settings", {}).get("torch_threads") == 1 else "")
 
 
 def cpu(device: str) -> str:
@@ -42,6 +44,27 @@ def speed_row(path: Path) -> str:
             f"{b['mfu']:.0%} / {q['mfu']:.0%} | {loss_gap:.2%} |")
 
 
+def compile_row(path: Path) -> str:
+    """train.compile against eager qlora and the baseline: the compiling step's extra seconds (the first warm-up step
+    of each) and the steps that repay them."""
+    r = json.loads(path.read_text(encoding="utf-8"))
+    b, q, c, s = r["variants"]["baseline"], r["variants"]["qlora"], r["variants"]["compiled"], r["settings"]
+    cost = c["warmup_step_time_s"][0] - q["warmup_step_time_s"][0]
+    saved = q["step_time_s"] - c["step_time_s"]
+    repaid = f"{cost / saved:.0f}" if saved > 0 else "never"
+    loss_gap = max(abs(x - y) / y for x, y in zip(c["losses"], q["losses"]))
+    # the first run had only each variant's paired ratio to the baseline
+    paired = r["ratios"].get("compiled_to_qlora_step_time_median_paired") or \
+        c["step_time_ratio_to_reference_median"] / q["step_time_ratio_to_reference_median"]
+    return (f"| [{r['shape']}, {depth(r)}](benchmarks/results/{path.name}) | {cpu(r['device'])} | "
+            f"{s['batch_size']} | {b['tokens_per_second']:.1f} / {q['tokens_per_second']:.1f} / "
+            f"{c['tokens_per_second']:.1f} | **{c['tokens_per_second'] / b['tokens_per_second']:.2f}x** | "
+            f"{c['tokens_per_second'] / q['tokens_per_second']:.2f}x | "
+            f"{paired:.2f} | "
+            f"{cost:.0f} s | {repaid} | {q['peak_bytes'] / GB:.2f} / {c['peak_bytes'] / GB:.2f} GB | {loss_gap:.2%} | "
+            f"{r['load_average'][1]:.1f} |")
+
+
 def memory_row(path: Path) -> str:
     r = json.loads(path.read_text(encoding="utf-8"))
     m = r["estimate_vs_measured"]
@@ -58,6 +81,14 @@ TABLES = {
         "qlora | largest loss gap |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *map(speed_row, sorted(RESULTS.glob("bench-*-cpu.json"))),
+    ]),
+    "compile-table": lambda: "\n".join([
+        "| shape (random weights, real dimensions) | CPU | batch | tokens/s baseline / qlora / compiled | compiled vs "
+        "baseline | compiled vs qlora | paired step time ratio compiled / qlora (median) | compiling step's extra "
+        "time | steps to repay it | peak RSS qlora / compiled | largest loss gap to qlora | load (5 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *map(compile_row, sorted(p for p in RESULTS.glob("bench-*-cpu.json")
+                                 if "compiled" in json.loads(p.read_text(encoding="utf-8"))["variants"])),
     ]),
     "memory-table": lambda: "\n".join([
         "| shape (random weights, real dimensions) | batch | tokens in the step | weights MiB measured / estimated "

@@ -71,7 +71,7 @@ def test_each_rank_loads_onto_its_gpu_in_the_dtype_the_gpu_computes_natively(mak
     assert plan.recipe.quantization.compute_dtype == dtype and plan.recipe.train.optimizer == "paged_adamw_8bit"
     assert plan.device == f"cuda:{rank} ({GPUS[capability]}, capability {capability[0]}.{capability[1]})"
     assert device_memory() == (80 * GB, f"cuda:{rank}")
-    assert not plan.sharded and plan.packed
+    assert not plan.sharded and plan.packed and plan.compile == "eager"  # train.compile: off by default
 
     load = base_arguments(plan.recipe)
     quantization = load.pop("quantization_config")
@@ -109,6 +109,8 @@ def test_fsdp_shards_in_the_storage_dtype_without_a_device_map_and_passes_the_fs
     with pytest.raises(UserError, match=r"^train.optimizer: paged_adamw_8bit fails to save its state under FSDP"):
         make_plan(make_recipe(quantization={"quant_storage": storage},
                               train={"distributed": "fsdp", "optimizer": "paged_adamw_8bit"}))
+    with pytest.raises(UserError, match="^train.compile: on, but FSDP wraps the layers after they would be compiled"):
+        make_plan(make_recipe(quantization={"quant_storage": storage}, train={"distributed": "fsdp", "compile": "on"}))
     other = "float16" if storage == "bfloat16" else "bfloat16"
     with pytest.raises(UserError, match=f"^quantization.quant_storage: {other} with train.distributed: fsdp must be "
                                         f"the compute dtype, {storage}"):
@@ -164,6 +166,15 @@ def test_flash_attention_takes_trls_padding_free_rows_instead_of_packed_ones(mak
     assert not plan.packed and plan.sft_arguments["padding_free"]
     assert base_arguments(plan.recipe)["attn_implementation"] == "flash_attention_2"
     assert plan.sft_arguments["use_liger_kernel"]  # auto: installed, on a GPU
+
+
+def test_compile_on_a_gpu_needs_triton(make_recipe, monkeypatch):
+    fake_gpus(monkeypatch, (8, 0))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "triton" else object())
+    with pytest.raises(UserError, match=r"^train.compile: on, but inductor needs triton on CUDA: pip install triton"):
+        make_plan(make_recipe(train={"compile": "on"}))
+    assert make_plan(make_recipe(train={"compile": "auto"})).compile == \
+        "eager (inductor needs triton on CUDA: pip install triton)"
 
 
 def test_liger_is_off_on_cpu_and_on_without_the_package_is_refused(make_recipe, monkeypatch):

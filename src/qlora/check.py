@@ -32,7 +32,7 @@ OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit":
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # one optimizer step on this CPU, SmolLM2-135M's LoRA adapter (4.9M parameters), ms: scripts/bench_optimizer.py,
 # benchmarks/results/optimizer-smollm2-135m-cpu.json
-CPU_STEP_MS = {"adamw_torch": 72.0, "paged_adamw_8bit": 600.1}
+CPU_STEP_MS = {"adamw_torch": 30.4, "paged_adamw_8bit": 141.9}
 # a year at 1 ms a step: no step takes less (the trainer's own Python work per step is more), so a longer run never ends
 MOST_STEPS = 365 * 24 * 3600 * 1000
 
@@ -441,7 +441,7 @@ def check(recipe: Recipe, overwrite: bool = False, processes: int = 1) -> CheckR
         errors=errors,
         resolved={"device": pre.plan.device, "compute_dtype": recipe.quantization.compute_dtype,
                   "optimizer": recipe.train.optimizer, "attn_implementation": recipe.model.attn_implementation,
-                  "loss": pre.loss},
+                  "loss": pre.loss, "compile": pre.plan.compile},
         length_stats={"min": ordered[0], "median": statistics.median(ordered),
                       "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]},
         histogram=histogram(lengths),
@@ -485,6 +485,7 @@ def print_report(report: CheckReport, recipe: Recipe, console) -> None:
     console.print(f"[bold]device[/] {r['device']}: compute {r['compute_dtype']}, optimizer {r['optimizer']}, "
                   f"attention {r['attn_implementation']}")
     console.print(f"[bold]loss[/] {escape(r['loss'])}", highlight=False)
+    console.print(f"[bold]train.compile[/] {escape(r['compile'])}", highlight=False)
     console.print(f"[bold]data[/] {d.source}: {d.rows_total} rows, {d.rows_total - d.invalid_count} valid"
                   + (f", {escape(d.invalid_summary())}" if d.invalid else ""))
     console.print(f"tokens per example: min {stats['min']}, median {stats['median']:g}, p95 {stats['p95']}, "

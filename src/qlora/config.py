@@ -252,6 +252,15 @@ class TrainSection(_Section):
         description="Liger kernels (RMSNorm, RoPE, SwiGLU): auto = on CUDA when the `liger` extra is installed. "
         "The LM head is always fused and tiled (TRL), so full logits are never materialised.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "off",
+        description="torch.compile the decoder layers' attention and MLP blocks (the LoRA path: 4-bit dequantize, "
+        "matmul, dropout, LoRA A/B and scale; inductor writes C++/OpenMP on CPU, Triton on CUDA). on: compiled at "
+        "the first step (seconds to a minute, cached in ~/.cache/qlora/inductor for later runs); auto: the first "
+        "steps are timed eager then compiled and the faster is kept; check says what auto will do. off by default: "
+        "compiled kernels round differently from eager ones, and auto's warm-up starts again on a resume, so only "
+        "off resumes bit-identical to an uninterrupted run.",
+    )
     seed: int = Field(42, **SEED_RANGE, description="Seed for adapter init, data order and dropout (0 to 2^32-1).")
     logging_steps: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
     save_steps: int = Field(200, gt=0, description="Write a checkpoint every N optimizer steps.")

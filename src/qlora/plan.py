@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora import distributed
 from qlora.errors import UserError, one_line
+from qlora.fetch import cache_root
 from qlora.rundir import CHECKPOINT_DIR
 
 if TYPE_CHECKING:
@@ -441,6 +444,55 @@ def check_extra(recipe: Recipe) -> None:
             raise UserError(f"train.extra: SFTConfig refuses {recipe.train.extra}: {one_line(exc)}") from None
 
 
+# auto: the first step of each mode is not timed (eager: allocator warm-up; compiled: the compile itself)
+EAGER_STEPS = 3
+COMPILED_STEPS = 3
+# auto compiles only when the eager rest of the run, cut by EXPECTED_GAIN, would repay COMPILE_SECONDS: at batch 1 the
+# compiling step took 10-22 s more than an eager one with inductor's cache (SmolLM2-360M, Qwen2.5-0.5B), up to 40 s
+# without, and compiled steps ran 1.02-1.12x eager's tokens/s (docs/performance.md, train.compile)
+COMPILE_SECONDS = 60
+EXPECTED_GAIN = 0.1
+
+def inductor_cache() -> str:
+    """Where inductor keeps its compiled code between runs: TORCHINDUCTOR_CACHE_DIR when the user set it, else
+    qlora's cache (~/.cache/qlora/inductor) rather than torch's default under /tmp, which a reboot empties."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its default into the variable once anything asked for the cache (bitsandbytes' import does)
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return chosen if chosen not in (None, default_cache_dir()) else str(cache_root() / "inductor")
+
+
+def compile_problem(recipe) -> str | None:
+    """Why compile cannot run for this recipe here, or None."""
+    import torch
+
+    if sharded(recipe):
+        return "FSDP wraps the layers after they would be compiled"
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")):
+        return "inductor needs a C++ compiler on CPU: apt-get install g++"
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
+        return "inductor needs triton on CUDA: pip install triton"
+    return None
+
+
+def compile_plan(recipe) -> str:
+    """What train.compile will do, as `qlora check` says it; UserError when it is on and cannot run here."""
+    setting, problem = recipe.train.compile, compile_problem(recipe)
+    if setting == "on" and problem:
+        raise UserError(f"train.compile: on, but {problem}; or set it to auto or off")
+    if setting == "off":
+        return "eager"
+    if problem:
+        return f"eager ({problem})"
+    cache = inductor_cache()
+    if setting == "on":
+        return f"compiled at the first step (inductor's cache: {cache})"
+    return (f"auto: {EAGER_STEPS} optimizer steps eager; if the rest of the run would take over "
+            f"{COMPILE_SECONDS / EXPECTED_GAIN:.0f} s eager, {COMPILED_STEPS} compiled (inductor's cache: {cache}), and "
+            "the faster per token is kept")
+
+
 def base_arguments(recipe: Recipe) -> dict:
     """AutoModelForCausalLM.from_pretrained's arguments for the base a run trains on: 4-bit NF4 (double-quantized)
     or 8-bit where the recipe says so, in the compute dtype, on this rank's device."""
@@ -475,6 +527,7 @@ class Plan:
     sharded: bool  # FSDP across this launch's processes
     sft_arguments: dict  # SFTConfig's fields, train.extra included
     packed: bool  # qlora's PackedCollator packs the micro-batches (else TRL pads or flash-attention's one row)
+    compile: str  # what train.compile does here (compile_plan), as `check` prints it
 
 
 def make_plan(recipe: Recipe) -> Plan:
@@ -483,4 +536,5 @@ def make_plan(recipe: Recipe) -> Plan:
     check_extra(recipe)
     return Plan(recipe=recipe, device=device_description(), sharded=sharded(recipe),
                 sft_arguments=sft_arguments(recipe) | recipe.train.extra,
-                packed=recipe.train.padding_free and recipe.model.attn_implementation != "flash_attention_2")
+                packed=recipe.train.padding_free and recipe.model.attn_implementation != "flash_attention_2",
+                compile=compile_plan(recipe))

@@ -328,6 +328,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
     from trl import SFTConfig
 
     from qlora.checkpoint import QLoRATrainer, ShardedQLoRATrainer, StopAtSignal
+    from qlora.compile import compile_callbacks
     from qlora.generate import LoadedModel
 
     distributed.start(cpu=not torch.cuda.is_available())
@@ -382,7 +383,7 @@ def _train(recipe: Recipe, overwrite: bool, callbacks: list, stop: SignalStop) -
             data_collator=(PackedCollator(pre.tokenizer.pad_token_id, recipe.data.max_length) if pre.plan.packed
                            else None),
             callbacks=[make_metrics_callback(run / METRICS_FILE), make_console_callback(), *evals, StopAtSignal(stop),
-                       *stopping, *callbacks],
+                       *stopping, *compile_callbacks(pre.plan, model, console.print), *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # it prints the raw log dicts
         for callback in trainer.callback_handler.callbacks:

@@ -1,0 +1,118 @@
+"""train.compile: torch.compile of the decoder layers' attention and MLP blocks, and auto's measured warm-up."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from transformers import TrainerCallback
+
+from qlora.plan import COMPILED_STEPS, COMPILE_SECONDS, EAGER_STEPS, EXPECTED_GAIN, Plan, inductor_cache
+
+BLOCKS = ("self_attn", "mlp")
+
+
+def compiled_blocks(model) -> list:
+    """The attention and MLP blocks of every decoder layer: they hold all of the LoRA path (4-bit dequantize, matmul,
+    dropout, LoRA A/B and scale). The blocks are compiled rather than the layers, as transformers checkpoints a
+    layer's forward and dynamo cannot trace the kernels hub's global write inside a checkpoint (one graph break per
+    layer, measured); the checkpoint then recomputes the compiled blocks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [block for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)
+            for name, block in layer.named_children() if name in BLOCKS]
+
+
+def compile_blocks(model) -> int:
+    """Compile the blocks in place (shapes dynamic: every micro-batch has its own length); returns how many."""
+    from torch._inductor.utils import clear_caches
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache()
+    clear_caches()  # the paths derived from the cache directory so far
+    blocks = compiled_blocks(model)
+    for block in blocks:
+        # aten's random numbers, not inductor's own: its C++ Philox dropout mask made the compiled MLP of SmolLM2
+        # slower than eager under checkpointing (168 vs 159 ms), aten's made it faster (130 ms)
+        block.compile(dynamic=True, options={"fallback_random": True})
+    return len(blocks)
+
+
+def uncompile_blocks(model) -> None:
+    """Undo compile_blocks: the blocks run eager again (their compiled code stays cached)."""
+    for block in compiled_blocks(model):
+        block._compiled_call_impl = None  # what nn.Module.compile set: calls go to forward again
+
+
+def compile_callbacks(plan: Plan, model, say) -> list:
+    """The CompileCallback of the plan's train.compile, if any."""
+    return [] if plan.compile.startswith("eager") else [CompileCallback(model, plan.recipe.train.compile, say)]
+
+
+def graph_breaks() -> list[str]:
+    """dynamo's graph-break reasons so far in this process, each once (their first line)."""
+    from torch._dynamo.utils import counters
+
+    return sorted({reason.splitlines()[0] for reason in counters["graph_break"]})
+
+
+class CompileCallback(TrainerCallback):
+    """train.compile on: compile before the first optimizer step. auto: steps 1..EAGER_STEPS run eager; if the rest of
+    the run could repay a compile, the next COMPILED_STEPS run compiled, and compile stays on only if they took less
+    time per token (the first step of each mode is not timed: allocator warm-up, then the compile). The decision, the
+    compile's time and dynamo's graph breaks are printed once."""
+
+    def __init__(self, model, setting: str, say, clock=time.perf_counter):
+        self.model, self.setting, self.say, self.clock = model, setting, say, clock
+        self.step = 0
+        self.started = self.tokens = 0
+        self.timed = {"eager": [0.0, 0], "compiled": [0.0, 0]}
+        self.compiling = None  # (seconds, tokens) of the step that compiled
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.setting == "on":
+            self.say(f"train.compile: compiling {compile_blocks(self.model)} attention and MLP blocks")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step += 1
+        if self.setting == "auto" and self.step == EAGER_STEPS + 1:
+            compile_blocks(self.model)
+        self.started, self.tokens = self.clock(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.setting == "off":
+            return
+        seconds, tokens = self.clock() - self.started, state.num_input_tokens_seen - self.tokens
+        first_compiled = EAGER_STEPS + 1 if self.setting == "auto" else 1
+        if self.step == first_compiled:
+            self.compiling = (seconds, tokens)
+            breaks = graph_breaks()
+            self.say(f"train.compile: the compiling step took {seconds:.1f} s; graph breaks: "
+                     + ("; ".join(breaks) if breaks else "none"))
+        elif self.step > 1:
+            timed = self.timed["eager" if self.step <= EAGER_STEPS and self.setting == "auto" else "compiled"]
+            timed[0] += seconds
+            timed[1] += tokens
+        if self.setting == "auto" and self.step == EAGER_STEPS:
+            self.worth_trying(state.max_steps - state.global_step)
+        elif self.setting == "auto" and self.step == EAGER_STEPS + COMPILED_STEPS:
+            self.decide()
+
+    def worth_trying(self, remaining: int) -> None:
+        eager_left = self.timed["eager"][0] / (EAGER_STEPS - 1) * remaining
+        if eager_left * EXPECTED_GAIN < COMPILE_SECONDS:
+            self.setting = "off"
+            self.say(f"train.compile auto: eager, the {remaining} steps left would take ~{eager_left:.0f} s eager: "
+                     f"too few to repay a compile (~{COMPILE_SECONDS} s) at a {EXPECTED_GAIN:.0%} gain")
+
+    def decide(self) -> None:
+        eager, compiled = (seconds / max(tokens, 1) for seconds, tokens in self.timed.values())
+        speedup = eager / compiled
+        if speedup > 1:
+            cost = self.compiling[0] - eager * self.compiling[1]  # the compiling step less what it would take eager
+            per_step = (eager - compiled) * self.timed["compiled"][1] / (COMPILED_STEPS - 1)
+            self.say(f"train.compile auto: compiled, {speedup:.2f}x eager's tokens/s; compiling took ~{cost:.0f} s, "
+                     f"repaid after ~{cost / per_step:.0f} steps")
+        else:
+            uncompile_blocks(self.model)
+            self.say(f"train.compile auto: eager, compiled steps ran at {speedup:.2f}x eager's tokens/s "
+                     "(train.compile: off skips this warm-up)")
