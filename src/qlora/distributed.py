@@ -49,9 +49,17 @@ def start(cpu: bool) -> None:
 
 
 def finish() -> None:
-    """Leave the process group together (a rank exiting with it alive can abort in gloo's teardown)."""
+    """Leave the process group together (a rank exiting with it alive can abort in gloo's teardown).
+
+    What is left of the trainer goes first (gc.collect: it holds reference cycles). Its DDP Reducer keeps a reference
+    to the gloo process group; freed after destroy_process_group, the Reducer destroys the group holding the GIL,
+    while a gloo worker thread needs the GIL to free the tensors of its last work: a deadlock (torch issue 56297; it
+    hung one rank of the SIGTERM test once). destroy_process_group itself releases the GIL."""
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

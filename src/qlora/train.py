@@ -301,7 +301,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, callbacks: list | None = N
     with stop.installed():
         try:
             run = _train(recipe, overwrite, callbacks or [], stop)
-        except (UserError, RunInterrupted):  # every rank raised it: they leave together
+        except (UserError, RunInterrupted) as exc:  # every rank raised it: they leave together
+            exc.__traceback__ = None  # its frames hold the trainer, which must go before the group (distributed.finish)
             distributed.finish()
             raise
         distributed.finish()
