@@ -59,8 +59,8 @@ def finish() -> None:
 
     import torch.distributed as dist
 
-    gc.collect()
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
