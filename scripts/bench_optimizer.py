@@ -39,13 +39,9 @@ def parse_args():
 
 
 def real_model(directory: Path | None) -> Path:
-    import transformers
+    from qlora.fetch import cached_model_dir, fetch
 
-    from qlora.fetch import MODELS, cache_root, fetch
-
-    release = MODELS["smollm2-135m"]
-    return fetch("smollm2-135m", directory or cache_root() / "models" /
-                 f"smollm2-135m-{release.sha256[:8]}-transformers-{transformers.__version__}")
+    return fetch("smollm2-135m", directory or cached_model_dir("smollm2-135m"))
 
 
 def state_bytes(optimizer) -> int:

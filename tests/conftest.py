@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 from qlora.config import apply_overrides, read_recipe_file, validate_recipe  # noqa: E402
 from qlora.errors import RunFailed  # noqa: E402
-from qlora.fetch import MODELS, cache_root, fetch  # noqa: E402
+from qlora.fetch import cached_model_dir, fetch  # noqa: E402
 
 ROW = {
     "instruction": "Write a function that reverses a string.",
@@ -198,12 +198,8 @@ def skip_without_index(exc: RunFailed):
 def smollm2():
     """SmolLM2-135M-Instruct as `qlora fetch` writes it, kept in the cache per transformers version (a second fetch
     of the same release does nothing)."""
-    import transformers
-
-    release = MODELS["smollm2-135m"]
-    directory = cache_root() / "models" / f"smollm2-135m-{release.sha256[:8]}-transformers-{transformers.__version__}"
     try:
-        return fetch("smollm2-135m", directory)
+        return fetch("smollm2-135m", cached_model_dir("smollm2-135m"))
     except RunFailed as exc:
         skip_without_index(exc)
 

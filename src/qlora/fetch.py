@@ -51,6 +51,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora"
 
 
+def cached_model_dir(name: str) -> Path:
+    """Where the tests and benchmarks keep a fetched model: per release and transformers version (the conversion
+    depends on both), so a second fetch of the same release does nothing."""
+    import transformers
+
+    return cache_root() / "models" / f"{name}-{MODELS[name].sha256[:8]}-transformers-{transformers.__version__}"
+
+
 def last_line(output: str) -> str:
     """The last non-empty line of a tool's output (its error), or a placeholder when it printed nothing."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
