@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import qlora.plan
 from qlora import compile as qcompile
@@ -12,7 +13,7 @@ from qlora.errors import UserError
 
 
 def blocks_compiled(model) -> list[bool]:
-    return [block._compiled_call_impl is not None for block in qcompile.compiled_blocks(model)]
+    return ["forward" in vars(block) for block in qcompile.compiled_blocks(model)]
 
 
 def warm_up(model, step_seconds: list[float], max_steps: int = 1000) -> list[str]:
@@ -56,6 +57,95 @@ def test_auto_does_not_compile_a_run_too_short_to_repay_it(tiny):
     assert not any(blocks_compiled(tiny))
     assert said == ["train.compile auto: eager, the 97 steps left would take ~291 s eager: too few to repay a compile "
                     "(~60 s) at a 10% gain"]
+
+
+def compiled(module):
+    return torch.compile(module, dynamic=True, options={"fallback_random": True})  # as compile_blocks compiles
+
+
+def splitmix64_reference(state: int, count: int) -> list[int]:
+    """SplitMix64 (Steele, Lea and Flood 2014) in Python's exact integers, as int64 values."""
+    values, mask = [], (1 << 64) - 1
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        values.append(z - (1 << 64) if z >> 63 else z)
+    return values
+
+
+@pytest.mark.parametrize("seed", [0, 123456789, (1 << 62) - 1])
+def test_splitmix64_is_the_reference_generator_eager_and_compiled(seed):
+    """inductor computes 64-bit integer arithmetic in its own C++: an arange times a 64-bit constant came out wrong
+    in half the values (torch 2.13), which made the checkpoint's recompute draw other masks."""
+    expected = splitmix64_reference(seed * 0x9E3779B97F4A7C15, 1000)
+    assert qcompile.splitmix64(torch.tensor(seed), 1000).tolist() == expected
+    assert torch.compile(qcompile.splitmix64, dynamic=True)(torch.tensor(seed), 1000).tolist() == expected
+
+
+def test_hashed_dropout_keeps_each_element_with_probability_1_minus_p_independently():
+    torch.manual_seed(0)
+    dropout, ones = compiled(qcompile.HashedDropout(0.1).train()), torch.ones(1000, 1000)
+    first, second = (dropout(ones) != 0 for _ in range(2))
+    assert dropout(ones).unique().tolist() == pytest.approx([0, 1 / 0.9])  # nn.Dropout's scale
+    n, sigmas = ones.numel(), 5
+    for fraction, p in ((first.float().mean(), 0.9), (second.float().mean(), 0.9),
+                        ((first & second).float().mean(), 0.81),  # two calls draw independent masks
+                        ((first[:, 1:] & first[:, :-1]).float().mean(), 0.81),  # so do neighbours
+                        ((first[1:] & first[:-1]).float().mean(), 0.81)):
+        assert abs(fraction.item() - p) < sigmas * (p * (1 - p) / n) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(dropout(ones) != 0, first)  # torch's seed decides the masks
+
+
+def test_hashed_dropout_is_nn_dropout_outside_a_compiled_graph():
+    ones = torch.ones(100, 100)
+    torch.manual_seed(3)
+    expected = torch.nn.Dropout(0.2).train()(ones)
+    torch.manual_seed(3)
+    assert torch.equal(qcompile.HashedDropout(0.2).train()(ones), expected)
+    assert torch.equal(compiled(qcompile.HashedDropout(0.2).eval())(ones), ones)
+
+
+def test_a_checkpointed_compiled_block_recomputes_the_forwards_masks():
+    """transformers checkpoints each decoder layer around its compiled blocks: the recompute for the backward must
+    draw the forward's masks, or every LoRA gradient is silently wrong."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 64), qcompile.HashedDropout(0.5), torch.nn.Linear(64, 64))
+    block = compiled(block.train())
+    x = torch.randn(8, 64)
+    grads = []
+    for checkpointed in (False, True):
+        block.zero_grad()
+        torch.manual_seed(1)
+        torch.randn(3)  # the checkpoint restores the generator's state, whatever it was
+        (checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)).square().sum().backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
+
+
+@pytest.mark.compile
+def test_compiled_blocks_hash_lora_dropout_and_generate_what_eager_does(tiny):
+    """train.eval_problems generates with the model being trained: its compiled blocks, in eval mode without grad,
+    compile once more (8 graphs) and give eager's tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny, LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False))
+    prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        eager = model.eval().generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
+    assert qcompile.compile_blocks(model) == 2 * len(model.base_model.model.model.layers)
+    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert dropouts and all(type(d) is qcompile.HashedDropout and d.p == 0.1 for d in dropouts)
+    model.train()
+    model(input_ids=prompt, labels=prompt).loss.backward()
+    with torch.no_grad():
+        assert torch.equal(model.eval().generate(input_ids=prompt, max_new_tokens=12, do_sample=False), eager)
+    assert qcompile.graph_breaks() == []
 
 
 def test_check_says_what_compile_does_and_on_is_refused_without_a_compiler(make_recipe, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import torch
 from transformers import TrainerCallback
 
 from qlora.plan import COMPILED_STEPS, COMPILE_SECONDS, EAGER_STEPS, EXPECTED_GAIN, Plan, inductor_cache
@@ -23,6 +24,54 @@ def compiled_blocks(model) -> list:
             for name, block in layer.named_children() if name in BLOCKS]
 
 
+def signed64(value: int) -> int:
+    """A 64-bit constant as the int64 torch computes with (wrapping arithmetic, as uint64 would)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2 = map(signed64, (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint64's logical right shift of int64 values (torch shifts int64 arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(seed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` outputs, as int64, of the SplitMix64 generator whose state starts at seed x gamma: each a
+    function of its index alone, so inductor computes them in one vectorized, parallel loop."""
+    # (seed + i) x gamma rather than seed x gamma + i x gamma: inductor folds arange x constant into an index
+    # expression and gets its 64-bit wraparound wrong (torch 2.13: half of the values differ)
+    z = (seed + 1 + torch.arange(count, device=seed.device)) * SPLITMIX_GAMMA
+    z = (z ^ shift_right(z, 30)) * SPLITMIX_M1
+    z = (z ^ shift_right(z, 27)) * SPLITMIX_M2
+    return z ^ shift_right(z, 31)
+
+
+class HashedDropout(torch.nn.Dropout):
+    """LoRA dropout for compiled blocks on CPU: each element kept with probability 1 - p (to 2^-32) and scaled by
+    1 / (1 - p), as nn.Dropout; the mask comes from SplitMix64 seeded by one draw of torch's generator, so seeding
+    and the checkpoint's recompute (which restores the generator) give the same mask. aten's CPU random numbers
+    are drawn one at a time under a lock: its masks took 19% of a compiled SmolLM2-360M step at batch 1, 10-20x
+    what SplitMix64 takes inside the compiled graph. Outside a compiled graph it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.p and torch.compiler.is_compiling()):
+            return super().forward(x)
+        seed = torch.randint(0, 1 << 62, (), device=x.device)
+        keep = (splitmix64(seed, x.numel()) & 0xFFFFFFFF) >= round(self.p * (1 << 32))
+        return x * keep.view(x.shape) * (1 / (1 - self.p))
+
+
+def hash_lora_dropout(block) -> None:
+    """Swap the block's LoRA dropout modules (peft's nn.Dropout, one per adapter) for HashedDropout."""
+    for module in block.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        for name, dropout in (dropouts.items() if isinstance(dropouts, torch.nn.ModuleDict) else ()):
+            if type(dropout) is torch.nn.Dropout:
+                dropouts[name] = HashedDropout(dropout.p).train(dropout.training)
+
+
 def compile_blocks(model) -> int:
     """Compile the blocks in place (shapes dynamic: every micro-batch has its own length); returns how many."""
     from torch._inductor.utils import clear_caches
@@ -31,16 +80,19 @@ def compile_blocks(model) -> int:
     clear_caches()  # the paths derived from the cache directory so far
     blocks = compiled_blocks(model)
     for block in blocks:
-        # aten's random numbers, not inductor's own: its C++ Philox dropout mask made the compiled MLP of SmolLM2
-        # slower than eager under checkpointing (168 vs 159 ms), aten's made it faster (130 ms)
-        block.compile(dynamic=True, options={"fallback_random": True})
+        if next(block.parameters()).device.type == "cpu":
+            hash_lora_dropout(block)
+        # the instance's forward, not nn.Module.compile: undoing that means resetting a private attribute.
+        # aten's random numbers (the seeds of HashedDropout; CUDA's dropout masks), not inductor's own: its C++
+        # Philox dropout mask made the compiled MLP of SmolLM2 slower than eager under checkpointing (168 vs 159 ms)
+        block.forward = torch.compile(block.forward, dynamic=True, options={"fallback_random": True})
     return len(blocks)
 
 
 def uncompile_blocks(model) -> None:
-    """Undo compile_blocks: the blocks run eager again (their compiled code stays cached)."""
+    """Undo compile_blocks: the blocks run their class's forward again (the compiled code stays cached)."""
     for block in compiled_blocks(model):
-        block._compiled_call_impl = None  # what nn.Module.compile set: calls go to forward again
+        del block.forward
 
 
 def compile_callbacks(plan: Plan, model, say) -> list:
