@@ -92,7 +92,7 @@ def compile_blocks(model) -> int:
 def uncompile_blocks(model) -> None:
     """Undo compile_blocks: the blocks run their class's forward again (the compiled code stays cached)."""
     for block in compiled_blocks(model):
-        del block.forward
+        vars(block).pop("forward", None)
 
 
 def compile_callbacks(plan: Plan, model, say) -> list:
@@ -107,11 +107,16 @@ def graph_breaks() -> list[str]:
     return sorted({reason.splitlines()[0] for reason in counters["graph_break"]})
 
 
+DECISION = "qlora.compile"  # auto's decision in the trainer state, which every checkpoint carries
+
+
 class CompileCallback(TrainerCallback):
     """train.compile on: compile before the first optimizer step. auto: steps 1..EAGER_STEPS run eager; if the rest of
     the run could repay a compile, the next COMPILED_STEPS run compiled, and compile stays on only if they took less
     time per token (the first step of each mode is not timed: allocator warm-up, then the compile). The decision, the
-    compile's time and dynamo's graph breaks are printed once."""
+    compile's time and dynamo's graph breaks are printed once. The decision goes into the trainer state, so a
+    resumed run takes it without warming up again (and runs eager or compiled from its first step, as the
+    uninterrupted run would)."""
 
     def __init__(self, model, setting: str, say, clock=time.perf_counter):
         self.model, self.setting, self.say, self.clock = model, setting, say, clock
@@ -121,6 +126,10 @@ class CompileCallback(TrainerCallback):
         self.compiling = None  # (seconds, tokens) of the step that compiled
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.setting == "auto" and DECISION in state.stateful_callbacks:
+            decided = state.stateful_callbacks[DECISION]["attributes"]
+            self.setting = "on" if decided["mode"] == "compiled" else "off"
+            self.say(f"train.compile auto: {decided['mode']}, as decided at step {decided['step']} before the resume")
         if self.setting == "on":
             self.say(f"train.compile: compiling {compile_blocks(self.model)} attention and MLP blocks")
 
@@ -145,20 +154,27 @@ class CompileCallback(TrainerCallback):
             timed[0] += seconds
             timed[1] += tokens
         if self.setting == "auto" and self.step == EAGER_STEPS:
-            self.worth_trying(state.max_steps - state.global_step)
+            self.worth_trying(state)
         elif self.setting == "auto" and self.step == EAGER_STEPS + COMPILED_STEPS:
-            self.decide()
+            self.decide(state)
 
-    def worth_trying(self, remaining: int) -> None:
+    @staticmethod
+    def record(state, mode: str) -> None:
+        state.stateful_callbacks[DECISION] = {"args": {}, "attributes": {"mode": mode, "step": state.global_step}}
+
+    def worth_trying(self, state) -> None:
+        remaining = state.max_steps - state.global_step
         eager_left = self.timed["eager"][0] / (EAGER_STEPS - 1) * remaining
         if eager_left * EXPECTED_GAIN < COMPILE_SECONDS:
             self.setting = "off"
+            self.record(state, "eager")
             self.say(f"train.compile auto: eager, the {remaining} steps left would take ~{eager_left:.0f} s eager: "
                      f"too few to repay a compile (~{COMPILE_SECONDS} s) at a {EXPECTED_GAIN:.0%} gain")
 
-    def decide(self) -> None:
+    def decide(self, state) -> None:
         eager, compiled = (seconds / max(tokens, 1) for seconds, tokens in self.timed.values())
         speedup = eager / compiled
+        self.record(state, "compiled" if speedup > 1 else "eager")
         if speedup > 1:
             cost = self.compiling[0] - eager * self.compiling[1]  # the compiling step less what it would take eager
             per_step = (eager - compiled) * self.timed["compiled"][1] / (COMPILED_STEPS - 1)
