@@ -169,6 +169,24 @@ def test_compiled_blocks_hash_lora_dropout_and_generate_what_eager_does(tiny):
     assert qcompile.graph_breaks() == []
 
 
+def test_on_a_gpu_compile_keeps_peft_dropout_and_inductors_defaults(tiny_model, monkeypatch):
+    """On CUDA inductor fuses dropout's masks into its Triton kernels with its own Philox numbers (its documented
+    way): no HashedDropout, no fallback_random. A model on the meta device stands in for the GPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model("llama"))
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    model = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    options = []
+    monkeypatch.setattr(torch, "compile", lambda forward, **kwargs: options.append(kwargs) or forward)
+    assert qcompile.compile_blocks(model) == len(options) == 2 * len(base.model.layers)
+    assert all(o == {"dynamic": True, "options": {}} for o in options)
+    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert dropouts and all(type(d) is torch.nn.Dropout for d in dropouts)
+
+
 def test_check_says_what_compile_does_and_on_is_refused_without_a_compiler(make_recipe, monkeypatch):
     from rich.console import Console
 

@@ -2,7 +2,7 @@
 
 Every test here is skipped without CUDA, so they have never run on the machines this project is built on (CPU
 only). They are written from the libraries' documented behaviour: fp16 with a real GradScaler and bf16 training
-and resuming, paged 8-bit AdamW resuming, flash-attention against sdpa, two-GPU DDP and FSDP-QLoRA against one GPU,
+and resuming, paged 8-bit AdamW resuming, train.compile's Triton kernels resuming, flash-attention against sdpa, two-GPU DDP and FSDP-QLoRA against one GPU,
 merge and --verify on the GPU (a full-precision base spread with device_map="auto"), and `qlora check`'s memory estimate against the
 peak the CUDA allocator reserved.
 """
@@ -75,6 +75,19 @@ def test_bf16_trains_and_resumes_exactly(tmp_path, tiny_model):
 def test_paged_optimizers_train_and_resume_exactly(tmp_path, tiny_model, optimizer):
     full, resumed = interrupted_and_resumed(tmp_path, tiny_model("llama"), {"optimizer": optimizer})
     assert_same_adapter(full, resumed, 1e-6)
+
+
+@pytest.mark.skipif(find_spec("triton") is None, reason="needs triton (CUDA builds of PyTorch install it)")
+def test_compiled_training_on_cuda_resumes_exactly_and_trains_as_eager(tmp_path, tiny_model):
+    """train.compile: on with inductor's Triton kernels and its own dropout masks (tests/test_compile.py on CPU)."""
+    full, resumed = interrupted_and_resumed(tmp_path, tiny_model("llama"), {"compile": "on"}, lora={"dropout": 0.1})
+    assert_same_adapter(full, resumed, 1e-6)
+    runs = {}
+    for setting in ("off", "on"):  # without dropout: other masks would send the tiny twin's few steps elsewhere
+        (tmp_path / setting).mkdir()
+        runs[setting] = train(recipe_for(tmp_path / setting, tiny_model("llama"), ROWS, lora={"dropout": 0},
+                                         train={"compile": setting, "max_steps": 4, "logging_steps": 1}))
+    assert losses_of(runs["on"]) == pytest.approx(losses_of(runs["off"]), rel=0.01)
 
 
 @needs_ampere

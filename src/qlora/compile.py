@@ -80,12 +80,14 @@ def compile_blocks(model) -> int:
     clear_caches()  # the paths derived from the cache directory so far
     blocks = compiled_blocks(model)
     for block in blocks:
-        if next(block.parameters()).device.type == "cpu":
+        on_cpu = next(block.parameters()).device.type == "cpu"
+        if on_cpu:
             hash_lora_dropout(block)
         # the instance's forward, not nn.Module.compile: undoing that means resetting a private attribute.
-        # aten's random numbers (the seeds of HashedDropout; CUDA's dropout masks), not inductor's own: its C++
-        # Philox dropout mask made the compiled MLP of SmolLM2 slower than eager under checkpointing (168 vs 159 ms)
-        block.forward = torch.compile(block.forward, dynamic=True, options={"fallback_random": True})
+        # On CPU aten's random numbers (HashedDropout's seeds), not inductor's own: its C++ Philox dropout masks made
+        # the compiled MLP of SmolLM2 slower than eager under checkpointing (168 vs 159 ms). On CUDA inductor's own
+        # defaults, which fuse dropout's Philox masks into its Triton kernels.
+        block.forward = torch.compile(block.forward, dynamic=True, options={"fallback_random": True} if on_cpu else {})
     return len(blocks)
 
 
