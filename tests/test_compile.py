@@ -80,6 +80,10 @@ def test_auto_does_not_compile_a_run_too_short_to_repay_it(tiny):
                     "(~60 s) at a 10% gain"]
 
 
+def lora_dropouts(model) -> list:
+    return [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+
+
 def compiled(module):
     return torch.compile(module, dynamic=True, options={"fallback_random": True})  # as compile_blocks compiles
 
@@ -160,7 +164,7 @@ def test_compiled_blocks_hash_lora_dropout_and_generate_what_eager_does(tiny):
     with torch.no_grad():
         eager = model.eval().generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
     assert qcompile.compile_blocks(model) == 2 * len(model.base_model.model.model.layers)
-    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    dropouts = lora_dropouts(model)
     assert dropouts and all(type(d) is qcompile.HashedDropout and d.p == 0.1 for d in dropouts)
     model.train()
     model(input_ids=prompt, labels=prompt).loss.backward()
@@ -183,7 +187,7 @@ def test_on_a_gpu_compile_keeps_peft_dropout_and_inductors_defaults(tiny_model, 
     monkeypatch.setattr(torch, "compile", lambda forward, **kwargs: options.append(kwargs) or forward)
     assert qcompile.compile_blocks(model) == len(options) == 2 * len(base.model.layers)
     assert all(o == {"dynamic": True, "options": {}} for o in options)
-    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    dropouts = lora_dropouts(model)
     assert dropouts and all(type(d) is torch.nn.Dropout for d in dropouts)
 
 

@@ -52,8 +52,8 @@ class HashedDropout(torch.nn.Dropout):
     """LoRA dropout for compiled blocks on CPU: each element kept with probability 1 - p (to 2^-32) and scaled by
     1 / (1 - p), as nn.Dropout; the mask comes from SplitMix64 seeded by one draw of torch's generator, so seeding
     and the checkpoint's recompute (which restores the generator) give the same mask. aten's CPU random numbers
-    are drawn one at a time under a lock: its masks took 19% of a compiled SmolLM2-360M step at batch 1, 10-20x
-    what SplitMix64 takes inside the compiled graph. Outside a compiled graph it is nn.Dropout."""
+    are drawn one at a time under a lock: its masks took 16-19% of a SmolLM2-360M or Qwen2.5-0.5B step at batch 1
+    (docs/performance.md). Outside a compiled graph it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p and torch.compiler.is_compiling()):
