@@ -209,7 +209,7 @@ def generate(
                 if input_file is not None else "not every answer was printed")
         lower = (f"lower --batch-size ({batch_size}), --max-new-tokens or --num-beams, or use a machine with more "
                  "memory")
-        with writing, interruptible(kept, lower):
+        with interruptible(kept, lower), writing:  # the handlers first: a background job ignores SIGINT till then
             loaded = g.load_run(run)
             sampling = with_generation_overrides(
                 loaded.recipe.generation if loaded.recipe else GenerationSection(), flags)
@@ -406,8 +406,8 @@ def eval_(
             made = ev.made_of(run, samples, problems, chosen, sampling)
             writing = output_lock(out, "eval", "--out")
         kept = f"every sample scored so far is in {out}; the same command resumes" if out else "nothing was written"
-        with writing, interruptible(kept, f"lower --batch-size ({batch_size}) or --max-new-tokens ({max_new_tokens}), "
-                                          "or use a machine with more memory"):
+        with interruptible(kept, f"lower --batch-size ({batch_size}) or --max-new-tokens ({max_new_tokens}), "
+                                 "or use a machine with more memory"), writing:
             if out is not None:
                 ev.claim_out_dir(out, made)
             limits = Limits(seconds=timeout)
